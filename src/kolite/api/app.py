@@ -1,0 +1,40 @@
+"""`create_app()`: the FastAPI application, with the model loading in the background."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from kolite import __version__
+from kolite.api import routes_simple
+from kolite.api.errors import install_error_handlers
+from kolite.config import ModelSettings, ServerSettings
+from kolite.service import ModelService
+
+
+def create_app(
+    model_settings: ModelSettings | None = None,
+    server_settings: ServerSettings | None = None,
+    service: ModelService | None = None,
+) -> FastAPI:
+    """Build the app; the lifespan starts loading the model (unless `service` already did)."""
+    server_settings = server_settings or ServerSettings()
+    svc = service or ModelService(model_settings or ModelSettings())
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        svc.start_loading()
+        try:
+            yield
+        finally:
+            svc.shutdown()
+
+    app = FastAPI(title="kolite", version=__version__, lifespan=lifespan,
+                  description="Korean-first GPT-2 text generation (KoGPT2) on an int8 ONNX Runtime engine.")
+    app.state.service = svc
+    app.state.log_prompts = server_settings.log_prompts
+    install_error_handlers(app)
+    app.include_router(routes_simple.router)
+    return app

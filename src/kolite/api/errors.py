@@ -1,0 +1,84 @@
+"""The one place where kolite's errors become HTTP statuses and OpenAI-style error bodies."""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from kolite.api.protocol import ErrorDetail, ErrorResponse
+from kolite.errors import (
+    ContextTooLong,
+    GenerationFailed,
+    InvalidRequest,
+    KoliteError,
+    ModelNotFound,
+    ModelNotReady,
+    Overloaded,
+)
+
+log = logging.getLogger(__name__)
+
+# (status, OpenAI error type) per class; the first match in order wins (subclasses first).
+_STATUS: list[tuple[type[KoliteError], int, str]] = [
+    (ContextTooLong, 400, "invalid_request_error"),
+    (InvalidRequest, 400, "invalid_request_error"),
+    (ModelNotFound, 404, "not_found_error"),
+    (Overloaded, 429, "rate_limit_error"),
+    (ModelNotReady, 503, "service_unavailable"),
+    (GenerationFailed, 500, "server_error"),
+]
+
+
+def error_response(status: int, message: str, type_: str, param: str | None = None,
+                   code: str | None = None, headers: dict[str, str] | None = None) -> JSONResponse:
+    body = ErrorResponse(error=ErrorDetail(message=message, type=type_, param=param, code=code))
+    return JSONResponse(body.model_dump(), status_code=status, headers=headers)
+
+
+def status_of(exc: KoliteError) -> tuple[int, str]:
+    for cls, status, type_ in _STATUS:
+        if isinstance(exc, cls):
+            return status, type_
+    return 500, "server_error"
+
+
+async def _kolite_error(_: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, KoliteError)
+    status, type_ = status_of(exc)
+    headers = {"Retry-After": "1"} if status in (429, 503) else None
+    code = "context_length_exceeded" if isinstance(exc, ContextTooLong) else None
+    return error_response(status, str(exc), type_, getattr(exc, "param", None), code, headers)
+
+
+async def _validation_error(_: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    errors = exc.errors()
+    first = errors[0] if errors else {}
+    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+    message = "; ".join(
+        f"{'.'.join(str(p) for p in e.get('loc', ()) if p != 'body') or 'body'}: {e.get('msg')}" for e in errors
+    )
+    return error_response(422, message or "invalid request", "invalid_request_error",
+                          ".".join(loc) or None, "invalid_value")
+
+
+async def _http_error(_: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, StarletteHTTPException)
+    return error_response(exc.status_code, str(exc.detail), "invalid_request_error" if exc.status_code < 500
+                          else "server_error", headers=exc.headers)
+
+
+async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+    log.exception("unhandled error", exc_info=exc)
+    return error_response(500, "internal server error", "server_error")
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    app.add_exception_handler(KoliteError, _kolite_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(Exception, _unexpected)

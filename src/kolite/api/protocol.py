@@ -1,0 +1,83 @@
+"""Request and response schemas of the original simple API (`/`, `/health`, `/generate`).
+
+`max_length` keeps the meaning it had in the original app (transformers' `max_length`): prompt
+tokens plus new tokens. `max_new_tokens` counts new tokens only and wins when both are given.
+When neither is given, 64 new tokens are generated.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, Field, field_validator
+
+DEFAULT_NEW_TOKENS = 64
+LENGTH_LIMIT = 32768  # a sanity bound; the model's own context window is checked per request
+
+
+class GenerateRequest(BaseModel):
+    prompt: str = Field(..., description="Text to continue (not written to the log).")
+    max_length: int | None = Field(None, ge=1, le=LENGTH_LIMIT,
+                                   description="Prompt tokens + new tokens, as in transformers.")
+    max_new_tokens: int | None = Field(None, ge=1, le=LENGTH_LIMIT, description="New tokens; wins over max_length.")
+    temperature: float = Field(0.7, ge=0.0, le=100.0, description="0 means greedy.")
+    do_sample: bool = Field(True, description="False means greedy decoding.")
+    top_k: int = Field(50, ge=0, le=1_000_000, description="0 turns top-k off.")
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    repetition_penalty: float = Field(1.0, gt=0.0, le=100.0)
+    stop: str | list[str] | None = Field(None, description="Stop strings (not included in the output).")
+    seed: int | None = Field(None, ge=0, le=2**63 - 1, description="Makes sampling reproducible.")
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt_not_blank(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("prompt must not be empty")
+        return value
+
+    @field_validator("stop")
+    @classmethod
+    def _stop_list(cls, value: str | list[str] | None) -> str | list[str] | None:
+        items = [value] if isinstance(value, str) else (value or [])
+        if len(items) > 16:
+            raise ValueError("at most 16 stop strings")
+        if any(not s for s in items):
+            raise ValueError("stop strings must not be empty")
+        return value
+
+    def stop_list(self) -> tuple[str, ...]:
+        if self.stop is None:
+            return ()
+        return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class GenerateResponse(BaseModel):
+    input_prompt: str
+    generated_text: str = Field(..., description="Only the new text: the prompt is not repeated.")
+    finish_reason: Literal["stop", "length"]
+    usage: Usage
+
+
+class StatusResponse(BaseModel):
+    service_status: Literal["LOADING", "READY", "ERROR"]
+    model: str
+    error: str | None = None
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    """OpenAI's error body, used for every error kolite returns."""
+
+    error: ErrorDetail

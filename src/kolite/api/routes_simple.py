@@ -1,0 +1,67 @@
+"""The original simple API: `GET /`, `GET /health` and `POST /generate`. Routes stay thin."""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+
+from kolite.api.protocol import DEFAULT_NEW_TOKENS, GenerateRequest, GenerateResponse, StatusResponse, Usage
+from kolite.engine.sampling import SamplingParams
+from kolite.errors import ContextTooLong
+from kolite.service import ModelService, State
+
+log = logging.getLogger(__name__)
+router = APIRouter()
+
+
+def _service(request: Request) -> ModelService:
+    return request.app.state.service
+
+
+@router.get("/", response_model=StatusResponse, response_model_exclude_none=True)
+async def status(request: Request) -> StatusResponse:
+    svc = _service(request)
+    return StatusResponse(service_status=svc.state.value, model=svc.model_name, error=svc.error)
+
+
+@router.get("/health")
+async def health(request: Request) -> JSONResponse:
+    svc = _service(request)
+    body = {"status": "ok" if svc.state is State.READY else svc.state.value.lower(), "model": svc.model_name}
+    return JSONResponse(body, status_code=200 if svc.state is State.READY else 503)
+
+
+def new_token_budget(req: GenerateRequest, prompt_tokens: int) -> int:
+    """max_new_tokens if given, else max_length minus the prompt, else the default."""
+    if req.max_new_tokens is not None:
+        return req.max_new_tokens
+    if req.max_length is not None:
+        budget = req.max_length - prompt_tokens
+        if budget < 1:
+            raise ContextTooLong(
+                f"max_length ({req.max_length}) counts the prompt too, and the prompt already has "
+                f"{prompt_tokens} tokens; raise max_length or use max_new_tokens", param="max_length")
+        return budget
+    return DEFAULT_NEW_TOKENS
+
+
+@router.post("/generate", response_model=GenerateResponse)
+async def generate(req: GenerateRequest, request: Request) -> GenerateResponse:
+    svc = _service(request)
+    prompt_ids = svc.encode(req.prompt)
+    params = SamplingParams(
+        max_new_tokens=new_token_budget(req, len(prompt_ids)), temperature=req.temperature,
+        do_sample=req.do_sample, top_k=req.top_k, top_p=req.top_p,
+        repetition_penalty=req.repetition_penalty, seed=req.seed, stop=req.stop_list(),
+    )
+    finish = await svc.generate(prompt_ids, params)
+    if request.app.state.log_prompts:
+        log.info("prompt=%r output=%r", req.prompt, finish.text)
+    return GenerateResponse(
+        input_prompt=req.prompt, generated_text=finish.text,
+        finish_reason="length" if finish.reason == "length" else "stop",
+        usage=Usage(prompt_tokens=finish.prompt_tokens, completion_tokens=finish.completion_tokens,
+                    total_tokens=finish.prompt_tokens + finish.completion_tokens),
+    )

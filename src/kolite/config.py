@@ -1,0 +1,55 @@
+"""Every setting once, read from flags or `KOLITE_*` environment variables (pydantic-settings).
+
+Model settings (what to load and how) are apart from server settings (where to listen), as in
+llama-cpp-python, so `kolite pull` needs only the first and `kolite serve` both.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_MODEL = "skt/kogpt2-base-v2"
+Precision = Literal["int8", "fp32"]
+
+
+def default_threads() -> int:
+    """Intra-op threads: one per CPU this process may run on (a Pi 4 has 4 cores)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - non-Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def default_kolite_home() -> Path:
+    """Converted graphs live beside the hub cache so one `rm -r` forgets a model."""
+    return Path(os.environ.get("KOLITE_HOME", Path.home() / ".cache" / "kolite"))
+
+
+class ModelSettings(BaseSettings):
+    """What model to load and how to run it."""
+
+    model_config = SettingsConfigDict(env_prefix="KOLITE_", extra="ignore")
+
+    model: str = Field(DEFAULT_MODEL, description="Hub id (e.g. skt/kogpt2-base-v2, distilgpt2) or a local folder.")
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit); default: main.")
+    precision: Precision = Field("int8", description="int8 (per-channel dynamic quantization) or fp32.")
+    cache_dir: Path | None = Field(None, description="Hub download cache (default: HF_HOME's hub cache).")
+    kolite_home: Path = Field(default_factory=default_kolite_home, description="Where converted graphs go.")
+    threads: int = Field(default_factory=default_threads, ge=1, le=256, description="ONNX Runtime threads.")
+    local_files_only: bool = Field(False, description="Never touch the network (also set by HF_HUB_OFFLINE=1).")
+
+
+class ServerSettings(BaseSettings):
+    """Where and how the HTTP server listens."""
+
+    model_config = SettingsConfigDict(env_prefix="KOLITE_", extra="ignore")
+
+    host: str = Field("127.0.0.1", description="Address to bind.")
+    port: int = Field(8000, ge=0, le=65535, description="Port to bind.")
+    log_prompts: bool = Field(False, description="Write prompts and outputs to the log (off: they are private).")
+    log_level: str = Field("info", description="uvicorn/kolite log level.")

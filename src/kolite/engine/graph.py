@@ -1,0 +1,178 @@
+"""Build a GPT-2 ONNX graph with a KV cache straight from numpy weights (no torch, no exporter).
+
+Writing the graph by hand keeps conversion torch-free and lets us choose its shape for serving:
+- inputs `input_ids`, `attention_mask`, `position_ids` and `past_key_i`/`past_value_i`, so prompts of
+  different lengths share a batch (left padding, positions from the mask) and decoding reuses the cache;
+- outputs `logits` and `present_key_i`/`present_value_i` (past and new keys, the next step's past);
+- the attention scale is folded into the query weights, and `logits` covers only the last position
+  unless `all_logits` is asked for: generation never needs the others, and the lm_head is the largest
+  MatMul of a prefill (51200 x 768 for KoGPT2).
+The lm_head is a separate transposed copy of the token embedding (tied weights), a MatMul that
+onnxruntime's dynamic quantizer turns into int8.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from kolite.models.gpt2config import GPT2Config
+
+OPSET = 17
+MASK_VALUE = -1e9  # added to scores of masked positions: exp() underflows to exactly 0 in float32
+
+
+def input_names(n_layer: int) -> list[str]:
+    """Graph input names in the order the runtime feeds them."""
+    names = ["input_ids", "attention_mask", "position_ids"]
+    for i in range(n_layer):
+        names += [f"past_key_{i}", f"past_value_{i}"]
+    return names
+
+
+def output_names(n_layer: int) -> list[str]:
+    """Graph output names: logits, then the new cache of every layer."""
+    names = ["logits"]
+    for i in range(n_layer):
+        names += [f"present_key_{i}", f"present_value_{i}"]
+    return names
+
+
+@dataclass
+class _Builder:
+    """Accumulates nodes and initializers with unique names."""
+
+    nodes: list[onnx.NodeProto] = field(default_factory=list)
+    inits: list[onnx.TensorProto] = field(default_factory=list)
+    _count: int = 0
+
+    def const(self, name: str, value: np.ndarray) -> str:
+        self.inits.append(numpy_helper.from_array(np.ascontiguousarray(value), name))
+        return name
+
+    def op(self, op_type: str, inputs: list[str], name: str | None = None, outputs: int = 1, **attrs) -> str | list[str]:
+        self._count += 1
+        base = name or f"{op_type.lower()}_{self._count}"
+        outs = [base] if outputs == 1 else [f"{base}_{k}" for k in range(outputs)]
+        self.nodes.append(helper.make_node(op_type, inputs, outs, name=f"n_{base}", **attrs))
+        return outs[0] if outputs == 1 else outs
+
+
+def _gelu(b: _Builder, x: str, activation: str, tag: str) -> str:
+    """gelu_new (tanh form, GPT-2's) or exact gelu (erf form)."""
+    half = b.const(f"{tag}_half", np.array(0.5, np.float32))
+    one = b.const(f"{tag}_one", np.array(1.0, np.float32))
+    if activation == "gelu":
+        inv_sqrt2 = b.const(f"{tag}_isqrt2", np.array(1 / math.sqrt(2.0), np.float32))
+        inner = b.op("Erf", [b.op("Mul", [x, inv_sqrt2])])
+    else:
+        c = b.const(f"{tag}_c", np.array(math.sqrt(2.0 / math.pi), np.float32))
+        k = b.const(f"{tag}_k", np.array(0.044715, np.float32))
+        cube = b.op("Mul", [b.op("Mul", [x, x]), x])
+        inner = b.op("Tanh", [b.op("Mul", [c, b.op("Add", [x, b.op("Mul", [k, cube])])])])
+    return b.op("Mul", [b.op("Mul", [half, x]), b.op("Add", [one, inner])])
+
+
+def _linear(b: _Builder, x: str, w: np.ndarray, bias: np.ndarray, tag: str) -> str:
+    """x @ w + bias with transformers' Conv1D layout ([in, out])."""
+    return b.op("Add", [b.op("MatMul", [x, b.const(f"{tag}.weight", w)], name=f"{tag}_matmul"), b.const(f"{tag}.bias", bias)])
+
+
+def _attention_bias(b: _Builder) -> str:
+    """[batch, 1, seq, total] additive mask: padding from attention_mask, causality from Trilu.
+
+    Query i of this call sits at absolute column past+i, so it may see columns j <= i + (total - seq).
+    """
+    mask_f = b.op("Cast", ["attention_mask"], to=TensorProto.FLOAT)
+    one = b.const("mask_one", np.array(1.0, np.float32))
+    big = b.const("mask_big", np.array(MASK_VALUE, np.float32))
+    pad_bias = b.op("Mul", [b.op("Sub", [one, mask_f]), big])  # [B, T]
+    pad_bias = b.op("Unsqueeze", [pad_bias, b.const("axes_1_2", np.array([1, 2], np.int64))])  # [B,1,1,T]
+
+    seq = b.op("Shape", ["input_ids"], start=1, end=2)  # [1]
+    total = b.op("Shape", ["attention_mask"], start=1, end=2)  # [1]
+    ones = b.op("ConstantOfShape", [b.op("Concat", [seq, total], axis=0)],
+                value=numpy_helper.from_array(np.array([1.0], np.float32)))
+    offset = b.op("Squeeze", [b.op("Sub", [total, seq])])  # scalar past length
+    allowed = b.op("Trilu", [ones, offset], upper=0)  # [S, T], 1 where visible
+    causal_bias = b.op("Mul", [b.op("Sub", [one, allowed]), big])
+    return b.op("Add", [pad_bias, causal_bias], name="attn_bias")  # [B,1,S,T]
+
+
+def build_gpt2_graph(cfg: GPT2Config, weights: dict[str, np.ndarray], *, all_logits: bool = False) -> onnx.ModelProto:
+    """The float32 GPT-2 graph for `cfg` with `weights` (canonical transformers key names)."""
+    b = _Builder()
+    e, h, d = cfg.n_embd, cfg.n_head, cfg.head_dim
+    w = {k: np.asarray(v, dtype=np.float32) for k, v in weights.items()}
+
+    wte = b.const("wte", w["transformer.wte.weight"])
+    wpe = b.const("wpe", w["transformer.wpe.weight"])
+    hidden = b.op("Add", [b.op("Gather", [wte, "input_ids"], name="tok_emb"), b.op("Gather", [wpe, "position_ids"], name="pos_emb")])
+    bias = _attention_bias(b)
+    heads_shape = b.const("heads_shape", np.array([0, 0, h, d], np.int64))
+    merge_shape = b.const("merge_shape", np.array([0, 0, e], np.int64))
+    split_sizes = b.const("qkv_split", np.array([e, e, e], np.int64))
+
+    for i in range(cfg.n_layer):
+        p = f"transformer.h.{i}."
+        x = b.op("LayerNormalization", [hidden, b.const(p + "ln_1.weight", w[p + "ln_1.weight"]),
+                                        b.const(p + "ln_1.bias", w[p + "ln_1.bias"])],
+                 axis=-1, epsilon=cfg.layer_norm_epsilon)
+        # Fold 1/sqrt(d) (and the optional 1/(layer+1)) into the query columns of c_attn.
+        scale = (1.0 / math.sqrt(d) if cfg.scale_attn_weights else 1.0)
+        if cfg.scale_attn_by_inverse_layer_idx:
+            scale /= float(i + 1)
+        qkv_w = w[p + "attn.c_attn.weight"].copy()
+        qkv_b = w[p + "attn.c_attn.bias"].copy()
+        qkv_w[:, :e] *= scale
+        qkv_b[:e] *= scale
+        qkv = _linear(b, x, qkv_w, qkv_b, f"h{i}.attn.c_attn")
+        q, k, v = b.op("Split", [qkv, split_sizes], outputs=3, axis=-1)
+        q, k, v = (b.op("Transpose", [b.op("Reshape", [t, heads_shape])], perm=[0, 2, 1, 3]) for t in (q, k, v))
+        k_all = b.op("Concat", [f"past_key_{i}", k], name=f"present_key_{i}", axis=2)
+        v_all = b.op("Concat", [f"past_value_{i}", v], name=f"present_value_{i}", axis=2)
+        scores = b.op("MatMul", [q, b.op("Transpose", [k_all], perm=[0, 1, 3, 2])])
+        probs = b.op("Softmax", [b.op("Add", [scores, bias])], axis=-1)
+        ctx = b.op("Reshape", [b.op("Transpose", [b.op("MatMul", [probs, v_all])], perm=[0, 2, 1, 3]), merge_shape])
+        attn = _linear(b, ctx, w[p + "attn.c_proj.weight"], w[p + "attn.c_proj.bias"], f"h{i}.attn.c_proj")
+        hidden = b.op("Add", [hidden, attn])
+
+        x = b.op("LayerNormalization", [hidden, b.const(p + "ln_2.weight", w[p + "ln_2.weight"]),
+                                        b.const(p + "ln_2.bias", w[p + "ln_2.bias"])],
+                 axis=-1, epsilon=cfg.layer_norm_epsilon)
+        m = _linear(b, x, w[p + "mlp.c_fc.weight"], w[p + "mlp.c_fc.bias"], f"h{i}.mlp.c_fc")
+        m = _gelu(b, m, cfg.activation_function, f"h{i}.gelu")
+        m = _linear(b, m, w[p + "mlp.c_proj.weight"], w[p + "mlp.c_proj.bias"], f"h{i}.mlp.c_proj")
+        hidden = b.op("Add", [hidden, m])
+
+    hidden = b.op("LayerNormalization", [hidden, b.const("ln_f.weight", w["transformer.ln_f.weight"]),
+                                         b.const("ln_f.bias", w["transformer.ln_f.bias"])],
+                  axis=-1, epsilon=cfg.layer_norm_epsilon)
+    if not all_logits:
+        hidden = b.op("Slice", [hidden, b.const("last_start", np.array([-1], np.int64)),
+                                b.const("last_end", np.array([np.iinfo(np.int64).max], np.int64)),
+                                b.const("last_axis", np.array([1], np.int64))])
+    lm_head = b.const("lm_head.weight", np.ascontiguousarray(w["transformer.wte.weight"].T))
+    b.op("MatMul", [hidden, lm_head], name="logits")
+
+    kv_shape = ["batch", h, "past_len", d]
+    inputs = [
+        helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "seq"]),
+        helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch", "total"]),
+        helper.make_tensor_value_info("position_ids", TensorProto.INT64, ["batch", "seq"]),
+    ]
+    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT,
+                                             ["batch", "seq" if all_logits else 1, cfg.vocab_size])]
+    for i in range(cfg.n_layer):
+        for kind in ("key", "value"):
+            inputs.append(helper.make_tensor_value_info(f"past_{kind}_{i}", TensorProto.FLOAT, kv_shape))
+            outputs.append(helper.make_tensor_value_info(f"present_{kind}_{i}", TensorProto.FLOAT,
+                                                         ["batch", h, "total", d]))
+    graph = helper.make_graph(b.nodes, "kolite_gpt2", inputs, outputs, initializer=b.inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="kolite")
+    model.ir_version = 8  # readable by every onnxruntime that supports opset 17
+    return model

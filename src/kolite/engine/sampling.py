@@ -1,0 +1,66 @@
+"""Logits → next token id: greedy, or sampling with temperature, top-k, top-p and repetition penalty.
+
+Each request owns its random generator, seeded from the request's `seed`, so a request's tokens do
+not depend on what else is running. The order of the transforms is transformers' (repetition
+penalty → temperature → top-k → top-p), so the same settings mean the same thing here as there.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to pick tokens and when to stop. `temperature == 0` or `do_sample=False` is greedy."""
+
+    max_new_tokens: int = 64
+    temperature: float = 1.0
+    do_sample: bool = True
+    top_k: int = 0  # 0: off
+    top_p: float = 1.0  # 1.0: off
+    repetition_penalty: float = 1.0  # 1.0: off
+    seed: int | None = None
+    stop: tuple[str, ...] = field(default_factory=tuple)
+
+    @property
+    def greedy(self) -> bool:
+        return not self.do_sample or self.temperature == 0.0
+
+
+class Sampler:
+    """Picks the next token for one sequence."""
+
+    def __init__(self, params: SamplingParams) -> None:
+        self.params = params
+        self.rng = np.random.default_rng(params.seed)
+
+    def __call__(self, logits: np.ndarray, seen: Iterable[int] = ()) -> int:
+        p = self.params
+        scores = logits.astype(np.float64, copy=True)
+        if p.repetition_penalty != 1.0:
+            idx = np.fromiter(set(seen), dtype=np.int64)
+            if idx.size:
+                vals = scores[idx]
+                scores[idx] = np.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
+        if p.greedy:
+            return int(np.argmax(scores))
+        scores /= p.temperature
+        if 0 < p.top_k < scores.size:
+            kth = np.partition(scores, -p.top_k)[-p.top_k]
+            scores[scores < kth] = -np.inf
+        probs = np.exp(scores - scores.max())
+        probs /= probs.sum()
+        if p.top_p < 1.0:
+            order = np.argsort(-probs, kind="stable")
+            before = np.cumsum(probs[order]) - probs[order]  # mass of the better tokens
+            cut = max(1, int(np.count_nonzero(before < p.top_p)))  # always keep the best token
+            keep = order[:cut]
+            mask = np.zeros_like(probs)
+            mask[keep] = probs[keep]
+            probs = mask / mask.sum()
+        cdf = np.cumsum(probs)
+        return int(min(np.searchsorted(cdf, self.rng.random() * cdf[-1], side="right"), probs.size - 1))

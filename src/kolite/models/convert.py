@@ -1,0 +1,101 @@
+"""The path a model takes: name → files → numpy weights → ONNX graph (fp32 or int8) in the cache.
+
+`kolite pull` runs this and stops; `kolite serve` runs it in the background and then opens a
+session on the result. Nothing here imports torch.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import onnx
+import onnxruntime
+
+from kolite import __version__
+from kolite.config import ModelSettings
+from kolite.models.cache import GRAPH, CacheEntry, entry_folder, file_fingerprint, lookup, write_entry
+from kolite.models.gpt2config import GPT2Config
+from kolite.models.resolve import ModelFiles, resolve_model
+from kolite.models.weights import gpt2_weights, load_state_dict
+
+log = logging.getLogger(__name__)
+
+# Bump when the graph builder changes what it emits: every cached graph is rebuilt.
+GRAPH_VERSION = 1
+
+Progress = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class PreparedModel:
+    """Everything needed to open a session and a tokenizer for one model."""
+
+    files: ModelFiles
+    config: GPT2Config
+    precision: str
+    graph: Path
+    manifest: dict
+    converted: bool  # False when the cache already held it
+
+
+def _expected_manifest(files: ModelFiles, precision: str, per_channel: bool) -> dict:
+    return {
+        "graph_version": GRAPH_VERSION,
+        "precision": precision,
+        "per_channel": per_channel if precision == "int8" else None,
+        "source": {"name": files.name, "revision": files.revision,
+                   "weights": file_fingerprint(files.weights), "config": file_fingerprint(files.config)},
+        "onnx": onnx.__version__,
+        "onnxruntime": onnxruntime.__version__,
+    }
+
+
+def build_graph_files(files: ModelFiles, cfg: GPT2Config, precision: str, out_dir: Path,
+                      *, per_channel: bool = True, progress: Progress | None = None) -> Path:
+    """Convert the checkpoint in `files` to `out_dir/model.onnx`; returns that path."""
+    from kolite.engine.graph import build_gpt2_graph
+    from kolite.engine.quantize import quantize_int8
+
+    say = progress or (lambda _msg: None)
+    say(f"reading weights {files.weights.name}")
+    weights = gpt2_weights(load_state_dict(files.weights), cfg)
+    say(f"building GPT-2 graph ({cfg.n_layer} layers, {cfg.n_embd} wide, vocab {cfg.vocab_size})")
+    model = build_gpt2_graph(cfg, weights)
+    del weights
+    target = out_dir / GRAPH
+    fp32_path = target if precision == "fp32" else out_dir / "model.fp32.onnx"
+    onnx.save_model(model, str(fp32_path))
+    del model
+    gc.collect()
+    if precision == "int8":
+        say("quantizing to int8 (per-channel)" if per_channel else "quantizing to int8 (per-tensor)")
+        quantize_int8(fp32_path, target, per_channel=per_channel)
+        fp32_path.unlink()
+    return target
+
+
+def prepare_model(settings: ModelSettings, *, progress: Progress | None = None,
+                  per_channel: bool = True) -> PreparedModel:
+    """Resolve, and convert unless the cache holds a graph made from the same source."""
+    say = progress or (lambda msg: log.info("%s", msg))
+    files = resolve_model(settings.model, revision=settings.revision, cache_dir=settings.cache_dir,
+                          local_files_only=settings.local_files_only, progress=progress is not None)
+    cfg = GPT2Config.from_file(files.config)
+    folder = entry_folder(settings.kolite_home, files.name, files.revision, settings.precision)
+    expected = _expected_manifest(files, settings.precision, per_channel)
+    entry: CacheEntry | None = lookup(folder, expected)
+    if entry is not None:
+        say(f"using converted graph {entry.graph}")
+        return PreparedModel(files, cfg, settings.precision, entry.graph, entry.manifest, converted=False)
+
+    started = time.perf_counter()
+    manifest = {**expected, "config": cfg.to_dict(), "kolite": __version__}
+    entry = write_entry(folder, manifest, lambda tmp: build_graph_files(
+        files, cfg, settings.precision, tmp, per_channel=per_channel, progress=say))
+    say(f"converted {files.name} to {settings.precision} in {time.perf_counter() - started:.1f}s: {entry.graph}")
+    return PreparedModel(files, cfg, settings.precision, entry.graph, entry.manifest, converted=True)
