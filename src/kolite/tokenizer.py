@@ -159,7 +159,8 @@ class Tokenizer:
         tail.reverse()
         return tail
 
-    def incremental(self, prompt_ids: Sequence[int] = ()) -> IncrementalDecoder:
+    def incremental_decoder(self, prompt_ids: Sequence[int] = ()) -> IncrementalDecoder:
+        """A streaming decoder for ids generated after `prompt_ids` (see IncrementalDecoder)."""
         return IncrementalDecoder(self, prompt_ids)
 
 

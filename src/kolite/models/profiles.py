@@ -175,13 +175,16 @@ def profile_for(
         missing = [t for t in KOGPT2_PROFILE.named_tokens if t not in vocab]
         if missing:
             raise ModelFormatError(f"{repo_or_name}: KoGPT2 tokenizer lacks {missing} in {tokenizer_json}")
-        if config_eos and config_eos in vocab and config_eos not in KOGPT2_PROFILE.stop_tokens:
-            return replace(
-                KOGPT2_PROFILE,
-                extra_stop_tokens=(*KOGPT2_PROFILE.extra_stop_tokens, config_eos),
-                control_tokens=(*KOGPT2_PROFILE.control_tokens, config_eos),
+        profile = KOGPT2_PROFILE
+        if not info.nfkc:  # e.g. a byte-level retrain with KoGPT2's specials: no jamo to undo
+            profile = replace(profile, compat_jamo=False)
+        if config_eos and config_eos in vocab and config_eos not in profile.stop_tokens:
+            profile = replace(
+                profile,
+                extra_stop_tokens=(*profile.extra_stop_tokens, config_eos),
+                control_tokens=(*profile.control_tokens, config_eos),
             )
-        return KOGPT2_PROFILE
+        return profile
 
     if GPT2_EOS in vocab and config_eos in (None, GPT2_EOS):
         return GPT2_PROFILE

@@ -121,7 +121,7 @@ def resolve_model(
     """A folder on disk is used as is; anything else is a hub id, fetched (or found in the cache offline)."""
     folder = Path(name).expanduser()
     if folder.is_dir():
-        return _local_files(name, folder)
+        return _local_files(folder)
     if _looks_like_path(name):
         raise ModelNotFound(f"model folder {name!r} does not exist")
     if local_files_only or hub_offline():
@@ -142,13 +142,14 @@ def _looks_like_path(name: str) -> bool:
     return name.startswith((".", "/", "~", "\\")) or name.count("/") > 1 or (os.sep != "/" and os.sep in name)
 
 
-def _local_files(name: str, folder: Path) -> ModelFiles:
+def _local_files(folder: Path) -> ModelFiles:
     weights = next((folder / w for w in WEIGHT_FILES if (folder / w).is_file()), None)
     if not (folder / "config.json").is_file():
         raise ModelFormatError(f"{folder} has no config.json; it is not a transformers model folder")
     if weights is None:
         raise ModelFormatError(f"{folder} has neither {SAFETENSORS} nor {TORCH_BIN}")
-    return _model_files(name, folder, weights, revision="local", repo_id=None)
+    # The absolute path names a folder model: "./m" and "/home/me/m" share one converted-graph cache entry.
+    return _model_files(str(folder.resolve()), folder, weights, revision="local", repo_id=None)
 
 
 def _model_files(name: str, root: Path, weights: Path, *, revision: str, repo_id: str | None) -> ModelFiles:
