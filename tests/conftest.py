@@ -70,3 +70,9 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture()
 def kolite_home(tmp_path: Path) -> Path:
     return tmp_path / "kolite-home"
+
+
+@pytest.fixture(scope="session")
+def anyio_backend() -> str:
+    """Async tests (marked `anyio`) run on asyncio, as uvicorn does."""
+    return "asyncio"

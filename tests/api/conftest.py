@@ -1,0 +1,43 @@
+"""An app over the tiny model, driven in-process through httpx (the engine thread is real)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import httpx
+import pytest
+
+from kolite.api.app import create_app
+from kolite.config import ModelSettings, ServerSettings
+from kolite.service import LoadedModel, ModelService, load_model
+
+
+@pytest.fixture(scope="session")
+def tiny_loaded(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> LoadedModel:
+    """The tiny model converted to int8 once per session."""
+    home = tmp_path_factory.mktemp("home")
+    return load_model(ModelSettings(model=str(tiny_model_dir), kolite_home=home, threads=1))
+
+
+def make_client(service: ModelService, **server: object) -> httpx.AsyncClient:
+    app = create_app(server_settings=ServerSettings(**server), service=service)
+    service.start_loading()
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://kolite.test", timeout=30)
+
+
+@pytest.fixture()
+def ready_service(tiny_loaded: LoadedModel, tiny_model_dir: Path) -> ModelService:
+    svc = ModelService(ModelSettings(model=str(tiny_model_dir)), loader=lambda _s: tiny_loaded)
+    svc.start_loading()
+    svc.wait_loaded(10)
+    return svc
+
+
+@pytest.fixture()
+async def client(ready_service: ModelService) -> AsyncIterator[httpx.AsyncClient]:
+    async with make_client(ready_service) as c:
+        yield c
+
+
+ServiceFactory = Callable[..., ModelService]

@@ -1,0 +1,206 @@
+"""The original API: status, health, /generate, and every error status it can answer."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+from kolite.config import ModelSettings
+from kolite.service import LoadedModel, ModelService
+from tests.api.conftest import make_client
+from tests.conftest import TINY
+
+pytestmark = pytest.mark.anyio
+
+
+def _error(resp: httpx.Response) -> dict:
+    body = resp.json()
+    assert set(body) == {"error"}, body
+    assert {"message", "type", "param", "code"} <= set(body["error"])
+    return body["error"]
+
+
+async def test_status_loading_then_ready(tiny_loaded: LoadedModel, tiny_model_dir: Path) -> None:
+    gate = threading.Event()
+
+    def slow_loader(_: ModelSettings) -> LoadedModel:
+        gate.wait(10)
+        return tiny_loaded
+
+    svc = ModelService(ModelSettings(model=str(tiny_model_dir)), loader=slow_loader)
+    async with make_client(svc) as c:
+        r = await c.get("/")
+        assert r.status_code == 200
+        assert r.json() == {"service_status": "LOADING", "model": str(tiny_model_dir)}
+        assert (await c.get("/health")).status_code == 503
+        r = await c.post("/generate", json={"prompt": "안녕"})
+        assert r.status_code == 503
+        assert r.headers["retry-after"]
+        assert "loading" in _error(r)["message"]
+        gate.set()
+        svc.wait_loaded(10)
+        assert (await c.get("/")).json()["service_status"] == "READY"
+        r = await c.get("/health")
+        assert r.status_code == 200 and r.json()["status"] == "ok"
+
+
+async def test_status_error_carries_reason(tiny_model_dir: Path) -> None:
+    def broken(_: ModelSettings) -> LoadedModel:
+        raise FileNotFoundError("no weights in /nowhere")
+
+    svc = ModelService(ModelSettings(model="missing/model"), loader=broken)
+    async with make_client(svc) as c:
+        svc.wait_loaded(10)
+        body = (await c.get("/")).json()
+        assert body["service_status"] == "ERROR"
+        assert "no weights in /nowhere" in body["error"]
+        assert (await c.get("/health")).status_code == 503
+        r = await c.post("/generate", json={"prompt": "hi"})
+        assert r.status_code == 503 and "failed to load" in _error(r)["message"]
+
+
+async def test_generate_returns_only_new_text_and_usage(client: httpx.AsyncClient, tiny_loaded: LoadedModel) -> None:
+    prompt = "안녕하세요 반갑습니다."
+    r = await client.post("/generate", json={"prompt": prompt, "max_new_tokens": 12, "do_sample": False})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["input_prompt"] == prompt
+    n_prompt = len(tiny_loaded.tokenizer.encode(prompt))
+    usage = body["usage"]
+    assert usage["prompt_tokens"] == n_prompt
+    assert usage["total_tokens"] == n_prompt + usage["completion_tokens"]
+    assert 1 <= usage["completion_tokens"] <= 12
+    assert (body["finish_reason"] == "length") == (usage["completion_tokens"] == 12)
+    assert not body["generated_text"].startswith(prompt)
+
+
+async def test_max_length_counts_the_prompt_and_max_new_tokens_wins(
+    client: httpx.AsyncClient, tiny_loaded: LoadedModel
+) -> None:
+    prompt = "Hello world, this is"
+    n_prompt = len(tiny_loaded.tokenizer.encode(prompt))
+    base = {"prompt": prompt, "do_sample": False, "stop": None}
+    r = (await client.post("/generate", json={**base, "max_length": n_prompt + 5})).json()
+    assert r["usage"]["completion_tokens"] <= 5 and r["usage"]["total_tokens"] <= n_prompt + 5
+    r2 = (await client.post("/generate", json={**base, "max_length": n_prompt + 5, "max_new_tokens": 9})).json()
+    assert r2["usage"]["completion_tokens"] <= 9
+    if r["finish_reason"] == "length" and r2["finish_reason"] == "length":
+        assert (r["usage"]["completion_tokens"], r2["usage"]["completion_tokens"]) == (5, 9)
+
+
+async def test_seed_makes_sampling_reproducible(client: httpx.AsyncClient) -> None:
+    req = {"prompt": "라즈베리 파이", "max_new_tokens": 16, "temperature": 1.5, "top_k": 0, "seed": 1234}
+    a = (await client.post("/generate", json=req)).json()["generated_text"]
+    b = (await client.post("/generate", json=req)).json()["generated_text"]
+    others = {(await client.post("/generate", json={**req, "seed": s})).json()["generated_text"] for s in range(5)}
+    assert a == b
+    assert len(others | {a}) > 1
+
+
+async def test_stop_string_cuts_the_output(client: httpx.AsyncClient) -> None:
+    req = {"prompt": "한국어 GPT-2", "max_new_tokens": 24, "do_sample": False}
+    full = (await client.post("/generate", json=req)).json()["generated_text"]
+    assert len(full) >= 6, full
+    stop = full[3:5]
+    cut = (await client.post("/generate", json={**req, "stop": [stop]})).json()
+    assert cut["generated_text"] == full[: full.index(stop)]
+    assert cut["finish_reason"] == "stop"
+
+
+@pytest.mark.parametrize(("payload", "param"), [
+    ({"prompt": ""}, "prompt"),
+    ({"prompt": "   "}, "prompt"),
+    ({}, "prompt"),
+    ({"prompt": "hi", "temperature": -0.5}, "temperature"),
+    ({"prompt": "hi", "max_length": 0}, "max_length"),
+    ({"prompt": "hi", "max_new_tokens": -3}, "max_new_tokens"),
+    ({"prompt": "hi", "max_new_tokens": 10**9}, "max_new_tokens"),
+    ({"prompt": "hi", "top_p": 0}, "top_p"),
+    ({"prompt": "hi", "top_k": -1}, "top_k"),
+    ({"prompt": "hi", "do_sample": "maybe"}, "do_sample"),
+    ({"prompt": "hi", "stop": [""]}, "stop"),
+])
+async def test_invalid_fields_are_422(client: httpx.AsyncClient, payload: dict, param: str) -> None:
+    r = await client.post("/generate", json=payload)
+    assert r.status_code == 422, r.text
+    err = _error(r)
+    assert err["type"] == "invalid_request_error"
+    assert err["param"].startswith(param)
+
+
+async def test_malformed_json_is_422(client: httpx.AsyncClient) -> None:
+    r = await client.post("/generate", content=b"{not json", headers={"content-type": "application/json"})
+    assert r.status_code == 422
+    _error(r)
+
+
+async def test_context_overflow_is_400(client: httpx.AsyncClient) -> None:
+    r = await client.post("/generate", json={"prompt": "안녕", "max_new_tokens": TINY.n_positions})
+    assert r.status_code == 400
+    err = _error(r)
+    assert err["code"] == "context_length_exceeded" and str(TINY.n_positions) in err["message"]
+    r = await client.post("/generate", json={"prompt": "안녕하세요 반갑습니다", "max_length": 2})
+    assert r.status_code == 400 and _error(r)["param"] == "max_length"
+
+
+async def test_generation_failure_is_500_json(tiny_loaded: LoadedModel, tiny_model_dir: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    svc = ModelService(ModelSettings(model=str(tiny_model_dir)), loader=lambda _s: tiny_loaded)
+
+    def explode(*_a: object, **_k: object) -> None:
+        raise RuntimeError("onnxruntime exploded")
+
+    monkeypatch.setattr(tiny_loaded.runtime, "forward", explode)
+    async with make_client(svc) as c:
+        svc.wait_loaded(10)
+        r = await c.post("/generate", json={"prompt": "hi"})
+    assert r.status_code == 500
+    err = _error(r)
+    assert err["type"] == "server_error"
+
+
+async def test_health_answers_while_generating(tiny_loaded: LoadedModel, tiny_model_dir: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    real = tiny_loaded.runtime.forward
+
+    def slow(*args: object, **kw: object) -> tuple:
+        time.sleep(0.05)
+        return real(*args, **kw)
+
+    monkeypatch.setattr(tiny_loaded.runtime, "forward", slow)
+    svc = ModelService(ModelSettings(model=str(tiny_model_dir)), loader=lambda _s: tiny_loaded)
+    async with make_client(svc) as c:
+        svc.wait_loaded(10)
+        gen = asyncio.create_task(c.post("/generate", json={"prompt": "hi", "max_new_tokens": 20, "do_sample": False}))
+        await asyncio.sleep(0.1)
+        t0 = time.perf_counter()
+        health = await c.get("/health")
+        latency = time.perf_counter() - t0
+        assert not gen.done()  # generation (>= 1 s) is still running
+        assert health.status_code == 200
+        assert latency < 0.5
+        assert (await gen).status_code == 200
+
+
+async def test_prompts_are_not_logged_by_default(client: httpx.AsyncClient, caplog: pytest.LogCaptureFixture) -> None:
+    secret = "비밀번호는 1234"
+    with caplog.at_level(logging.DEBUG):
+        r = await client.post("/generate", json={"prompt": secret, "max_new_tokens": 3})
+    assert r.status_code == 200
+    assert secret not in caplog.text
+
+
+def test_runtime_forward_is_numpy() -> None:  # guard: the API layer never imports numpy or onnxruntime
+    import kolite.api.app as app_mod
+    import kolite.api.routes_simple as routes
+
+    for mod in (app_mod, routes):
+        assert "numpy" not in vars(mod) and "onnxruntime" not in vars(mod)
+    assert np  # numpy is used by the tests, not the API
