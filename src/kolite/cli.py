@@ -79,7 +79,8 @@ def cmd_serve(ns: argparse.Namespace) -> int:
     model_settings = settings_from(ns, ModelSettings)
     server_settings = settings_from(ns, ServerSettings)
     assert isinstance(model_settings, ModelSettings) and isinstance(server_settings, ServerSettings)
-    logging.basicConfig(level=server_settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=server_settings.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     app = create_app(model_settings, server_settings)
     uvicorn.run(app, host=server_settings.host, port=server_settings.port, log_level=server_settings.log_level)
     return 0

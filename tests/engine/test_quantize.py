@@ -35,7 +35,7 @@ def _pair(tmp_path: Path, cfg: GPT2Config, sd: dict, per_channel: bool = True) -
 
 
 def test_int8_graph_is_really_int8(tmp_path: Path) -> None:
-    _, q = _pair(tmp_path, CFG, random_state_dict(CFG, seed=0))
+    _pair(tmp_path, CFG, random_state_dict(CFG, seed=0))
     model = onnx.load(tmp_path / "int8.onnx")
     ops = {n.op_type for n in model.graph.node}
     assert ops & {"DynamicQuantizeMatMul", "MatMulInteger", "DynamicQuantizeLinear"}

@@ -122,6 +122,12 @@ def test_incomplete_local_folder(tmp_path: Path, remove: str, message: str) -> N
         resolve_model(str(folder))
 
 
+def test_a_weights_file_is_not_a_model_folder(tmp_path: Path) -> None:
+    folder = write_checkpoint(tmp_path / "m", CFG)
+    with pytest.raises(ModelNotFound, match="is a file"):
+        resolve_model(str(folder / "model.safetensors"))
+
+
 @pytest.mark.parametrize("name", ["./no/such/folder", "/no/such/folder", "a/b/c"])
 def test_missing_folder_is_not_sent_to_the_hub(name: str) -> None:
     with pytest.raises(ModelNotFound, match="does not exist"):
@@ -394,3 +400,20 @@ def test_progress_false_silences_huggingface_hub_bars() -> None:
     bar = _create_progress_bar(cls=resolve_mod._silent_tqdm(), log_level=logging.INFO,
                                name="huggingface_hub.snapshot_download", total=3)
     assert bar.disable
+
+
+def test_unreachable_hub_falls_back_to_the_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import huggingface_hub
+
+    class NoNetworkApi:
+        def model_info(self, repo_id: str, **kwargs):
+            raise httpx2.ConnectError("Name or service not known")
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", NoNetworkApi)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    cache = tmp_path / "hub"
+    put_in_hub_cache(cache, REPO, checkpoint_files(tmp_path, bin_if_torch=False))
+    assert resolve_model(REPO, cache_dir=cache).revision == MAIN
+    with pytest.raises(ModelNotFound, match=r"could not be reached.*kolite pull"):
+        resolve_model("someone/else", cache_dir=cache)

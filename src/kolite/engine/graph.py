@@ -54,7 +54,8 @@ class _Builder:
         self.inits.append(numpy_helper.from_array(np.ascontiguousarray(value), name))
         return name
 
-    def op(self, op_type: str, inputs: list[str], name: str | None = None, outputs: int = 1, **attrs) -> str | list[str]:
+    def op(self, op_type: str, inputs: list[str], name: str | None = None, outputs: int = 1,
+           **attrs: object) -> str | list[str]:
         self._count += 1
         base = name or f"{op_type.lower()}_{self._count}"
         outs = [base] if outputs == 1 else [f"{base}_{k}" for k in range(outputs)]
@@ -79,7 +80,8 @@ def _gelu(b: _Builder, x: str, activation: str, tag: str) -> str:
 
 def _linear(b: _Builder, x: str, w: np.ndarray, bias: np.ndarray, tag: str) -> str:
     """x @ w + bias with transformers' Conv1D layout ([in, out])."""
-    return b.op("Add", [b.op("MatMul", [x, b.const(f"{tag}.weight", w)], name=f"{tag}_matmul"), b.const(f"{tag}.bias", bias)])
+    product = b.op("MatMul", [x, b.const(f"{tag}.weight", w)], name=f"{tag}_matmul")
+    return b.op("Add", [product, b.const(f"{tag}.bias", bias)])
 
 
 def _attention_bias(b: _Builder) -> str:
@@ -111,7 +113,8 @@ def build_gpt2_graph(cfg: GPT2Config, weights: dict[str, np.ndarray], *, all_log
 
     wte = b.const("wte", w["transformer.wte.weight"])
     wpe = b.const("wpe", w["transformer.wpe.weight"])
-    hidden = b.op("Add", [b.op("Gather", [wte, "input_ids"], name="tok_emb"), b.op("Gather", [wpe, "position_ids"], name="pos_emb")])
+    tok_emb = b.op("Gather", [wte, "input_ids"], name="tok_emb")
+    hidden = b.op("Add", [tok_emb, b.op("Gather", [wpe, "position_ids"], name="pos_emb")])
     bias = _attention_bias(b)
     heads_shape = b.const("heads_shape", np.array([0, 0, h, d], np.int64))
     merge_shape = b.const("merge_shape", np.array([0, 0, e], np.int64))

@@ -122,6 +122,8 @@ def resolve_model(
     folder = Path(name).expanduser()
     if folder.is_dir():
         return _local_files(folder)
+    if folder.exists():
+        raise ModelNotFound(f"{name!r} is a file; pass the folder that holds config.json and the weights")
     if _looks_like_path(name):
         raise ModelNotFound(f"model folder {name!r} does not exist")
     if local_files_only or hub_offline():
@@ -201,9 +203,9 @@ def _cached_weights(repo_id: str, snapshot: Path, cache_dir: Path | None) -> Pat
     for filename in WEIGHT_FILES:
         if (snapshot / filename).is_file():
             return snapshot / filename
-    for num in _cached_pr_numbers(repo_id, cache_dir):
-        from huggingface_hub import try_to_load_from_cache
+    from huggingface_hub import try_to_load_from_cache
 
+    for num in _cached_pr_numbers(repo_id, cache_dir):
         found = try_to_load_from_cache(repo_id, SAFETENSORS, cache_dir=cache_dir, revision=f"refs/pr/{num}")
         if isinstance(found, str):
             return Path(found)
@@ -257,7 +259,10 @@ def _hub_files(repo_id: str, revision: str | None, cache_dir: Path | None, progr
         raise
     except (*_network_errors(), HfHubHTTPError) as exc:
         log.warning("cannot reach the hub for %s (%s); looking in the local cache", repo_id, exc)
-        return _cached_files(repo_id, revision, cache_dir)
+        try:
+            return _cached_files(repo_id, revision, cache_dir)
+        except ModelNotFound as missing:
+            raise ModelNotFound(f"the hub could not be reached ({exc}); {missing}") from exc
 
 
 def _download(
