@@ -40,7 +40,8 @@ def bf16_to_f32(bits: np.ndarray) -> np.ndarray:
 
 def _as_float32(arr: np.ndarray) -> np.ndarray:
     """Half precision is stored to save disk; the converter wants float32 (ints/bools pass unchanged)."""
-    if np.issubdtype(arr.dtype, np.floating) and arr.dtype != np.float32:
+    # ml_dtypes' bfloat16 (registered once torch/onnx import it) is not a numpy "floating" subtype
+    if arr.dtype != np.float32 and (np.issubdtype(arr.dtype, np.floating) or arr.dtype.name == "bfloat16"):
         return arr.astype(np.float32)
     return arr
 

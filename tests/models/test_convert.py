@@ -1,0 +1,87 @@
+"""Conversion into the cache: converted once, reused, rebuilt when the source changes, never half-written."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from kolite.cli import main as cli_main
+from kolite.config import ModelSettings
+from kolite.models import convert
+from kolite.models.convert import prepare_model
+from kolite.models.synthetic import write_checkpoint
+from tests.conftest import TINY
+
+
+@pytest.fixture()
+def folder(tmp_path: Path) -> Path:
+    return write_checkpoint(tmp_path / "ckpt", TINY, seed=2)
+
+
+def test_converted_once_then_reused(folder: Path, tmp_path: Path) -> None:
+    settings = ModelSettings(model=str(folder), kolite_home=tmp_path / "home")
+    first = prepare_model(settings)
+    assert first.converted and first.graph.is_file()
+    manifest = json.loads((first.graph.parent / "manifest.json").read_text())
+    assert manifest["precision"] == "int8" and manifest["source"]["revision"] == "local"
+    assert manifest["config"]["n_layer"] == TINY.n_layer
+    mtime = first.graph.stat().st_mtime_ns
+    second = prepare_model(settings)
+    assert not second.converted
+    assert second.graph == first.graph and second.graph.stat().st_mtime_ns == mtime
+
+
+def test_precisions_are_separate_entries(folder: Path, tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    q = prepare_model(ModelSettings(model=str(folder), kolite_home=home, precision="int8"))
+    f = prepare_model(ModelSettings(model=str(folder), kolite_home=home, precision="fp32"))
+    assert q.graph != f.graph
+    assert q.graph.stat().st_size < f.graph.stat().st_size
+
+
+def test_changed_source_is_reconverted(folder: Path, tmp_path: Path) -> None:
+    settings = ModelSettings(model=str(folder), kolite_home=tmp_path / "home")
+    first = prepare_model(settings)
+    write_checkpoint(folder, TINY, seed=3)  # new weights in the same folder
+    st = (folder / "model.safetensors").stat()
+    os.utime(folder / "model.safetensors", ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    again = prepare_model(settings)
+    assert again.converted
+    assert again.graph == first.graph  # same entry, rebuilt in place
+
+
+def test_graph_version_change_is_reconverted(folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    settings = ModelSettings(model=str(folder), kolite_home=tmp_path / "home")
+    prepare_model(settings)
+    monkeypatch.setattr(convert, "GRAPH_VERSION", convert.GRAPH_VERSION + 1)
+    assert prepare_model(settings).converted
+
+
+def test_failed_conversion_leaves_nothing(folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    home = tmp_path / "home"
+
+    def boom(*_a: object, **_k: object) -> None:
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr("kolite.engine.quantize.quantize_int8", boom)
+    with pytest.raises(RuntimeError, match="disk full"):
+        prepare_model(ModelSettings(model=str(folder), kolite_home=home))
+    leftovers = [p for p in home.rglob("*") if p.is_file()]
+    assert leftovers == []
+
+
+def test_pull_cli_converts_and_prints_the_graph(folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    home = tmp_path / "home"
+    assert cli_main(["pull", str(folder), "--kolite-home", str(home), "--precision", "fp32"]) == 0
+    out, err = capsys.readouterr()
+    graph = Path(out.strip())
+    assert graph.is_file() and graph.is_relative_to(home) and graph.parent.name == "fp32"
+    assert "converted" in err
+
+
+def test_pull_cli_reports_missing_model(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert cli_main(["pull", str(tmp_path / "nope"), "--kolite-home", str(tmp_path / "home")]) == 2
+    assert "error" in capsys.readouterr().err

@@ -1,0 +1,50 @@
+"""The whole path on a trained Korean chat model: files → profile → int8 graph → decode → text.
+
+`chatbot-tiny-ko` was trained on KoGPT2's `<usr>` question `<sys>` answer `</s>` format; its greedy
+answers are known. Getting them back as text proves tokenizer profile, engine and decoding together.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from kolite.config import ModelSettings
+from kolite.engine.generate import collect, run_sequence
+from kolite.engine.sampling import SamplingParams
+from kolite.service import LoadedModel, load_model
+from tests.conftest import fixture_path
+
+
+@pytest.fixture(scope="module", params=["int8", "fp32"])
+def chatbot(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> LoadedModel:
+    folder = fixture_path("chatbot-tiny-ko")
+    home = tmp_path_factory.mktemp("home")
+    return load_model(ModelSettings(model=str(folder), precision=request.param, kolite_home=home, threads=2))
+
+
+def test_greedy_answers_of_the_trained_chat_model(chatbot: LoadedModel) -> None:
+    facts = json.loads((fixture_path("chatbot-tiny-ko") / "facts.json").read_text(encoding="utf-8"))
+    tok = chatbot.tokenizer
+    assert tok.profile.name == "kogpt2" and tok.eos_id == 1 and tok.pad_id == 3
+    for fact in facts["greedy_exact_answers"]:
+        prompt = [tok.user_id, *tok.encode(fact["q"]), tok.assistant_id]
+        assert prompt == fact["prompt_ids"]
+        seq = chatbot.new_sequence(prompt, SamplingParams(max_new_tokens=60, do_sample=False))
+        events = list(run_sequence(chatbot.runtime, seq))
+        finish = events[-1]
+        streamed = "".join(e.text for e in events[:-1])
+        assert list(finish.token_ids) == fact["answer_ids"], fact["q"]
+        assert finish.reason == "stop"  # ended by </s>
+        assert finish.text == fact["a"] == streamed
+
+
+def test_examples_from_the_readme(chatbot: LoadedModel) -> None:
+    tok = chatbot.tokenizer
+    for q, a in [("12시 땡!", "하루가 또 가네요."), ("오늘 너무 피곤해", "푹 쉬세요.")]:
+        seq = chatbot.new_sequence([tok.user_id, *tok.encode(q), tok.assistant_id],
+                                   SamplingParams(max_new_tokens=40, do_sample=False))
+        assert collect(run_sequence(chatbot.runtime, seq)).text == a
+
+
