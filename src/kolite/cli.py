@@ -79,8 +79,9 @@ def cmd_serve(ns: argparse.Namespace) -> int:
     model_settings = settings_from(ns, ModelSettings)
     server_settings = settings_from(ns, ServerSettings)
     assert isinstance(model_settings, ModelSettings) and isinstance(server_settings, ServerSettings)
-    logging.basicConfig(level=server_settings.log_level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # kolite's own messages at the chosen level; libraries (the quantizer logs to root) stay at WARNING
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("kolite").setLevel(server_settings.log_level.upper())
     app = create_app(model_settings, server_settings)
     uvicorn.run(app, host=server_settings.host, port=server_settings.port, log_level=server_settings.log_level)
     return 0

@@ -10,21 +10,28 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-log = logging.getLogger(__name__)
+
+def _quiet_root(record: logging.LogRecord) -> bool:
+    """The quantizer logs chatter (per-tensor notes, a pre-processing hint) straight to the root logger."""
+    return record.levelno >= logging.ERROR
 
 
 def quantize_int8(fp32_path: Path, out_path: Path, *, per_channel: bool = True) -> Path:
     """Write an int8 copy of the graph at `fp32_path`; only MatMuls with constant weights change."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    log.info("quantizing to int8 (%s)", "per-channel" if per_channel else "per-tensor")
-    quantize_dynamic(
-        model_input=Path(fp32_path),
-        model_output=Path(out_path),
-        op_types_to_quantize=["MatMul"],
-        per_channel=per_channel,
-        reduce_range=False,
-        weight_type=QuantType.QInt8,
-        extra_options={"MatMulConstBOnly": True},
-    )
+    root = logging.getLogger()
+    root.addFilter(_quiet_root)
+    try:
+        quantize_dynamic(
+            model_input=Path(fp32_path),
+            model_output=Path(out_path),
+            op_types_to_quantize=["MatMul"],
+            per_channel=per_channel,
+            reduce_range=False,
+            weight_type=QuantType.QInt8,
+            extra_options={"MatMulConstBOnly": True},
+        )
+    finally:
+        root.removeFilter(_quiet_root)
     return Path(out_path)
