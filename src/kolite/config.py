@@ -15,6 +15,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_MODEL = "skt/kogpt2-base-v2"
 Precision = Literal["int8", "fp32"]
+Int8Scheme = Literal["per-token", "ort-dynamic"]
 
 
 def default_threads() -> int:
@@ -37,7 +38,12 @@ class ModelSettings(BaseSettings):
 
     model: str = Field(DEFAULT_MODEL, description="Hub id (e.g. skt/kogpt2-base-v2, distilgpt2) or a local folder.")
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit); default: main.")
-    precision: Precision = Field("int8", description="int8 (per-channel dynamic quantization) or fp32.")
+    precision: Precision = Field("int8", description="int8 (per-channel weights) or fp32.")
+    int8_scheme: Int8Scheme = Field(
+        "per-token",
+        description="int8 activations: per-token (each token its own scale: results never depend on batching) "
+        "or ort-dynamic (onnxruntime's quantize_dynamic: one scale per tensor).",
+    )
     cache_dir: Path | None = Field(None, description="Hub download cache (default: HF_HOME's hub cache).")
     kolite_home: Path = Field(default_factory=default_kolite_home, description="Where converted graphs go.")
     threads: int = Field(default_factory=default_threads, ge=1, le=256, description="ONNX Runtime threads.")

@@ -37,9 +37,13 @@ def test_converted_once_then_reused(folder: Path, tmp_path: Path) -> None:
 def test_precisions_are_separate_entries(folder: Path, tmp_path: Path) -> None:
     home = tmp_path / "home"
     q = prepare_model(ModelSettings(model=str(folder), kolite_home=home, precision="int8"))
+    o = prepare_model(ModelSettings(model=str(folder), kolite_home=home, precision="int8", int8_scheme="ort-dynamic"))
     f = prepare_model(ModelSettings(model=str(folder), kolite_home=home, precision="fp32"))
-    assert q.graph != f.graph
-    assert q.graph.stat().st_size < f.graph.stat().st_size
+    assert len({q.graph, o.graph, f.graph}) == 3
+    assert [p.graph.parent.name for p in (q, o, f)] == ["int8", "int8-ort-dynamic", "fp32"]
+    assert q.manifest["int8_scheme"] == "per-token" and o.manifest["int8_scheme"] == "ort-dynamic"
+    assert q.graph.stat().st_size < f.graph.stat().st_size and o.graph.stat().st_size < f.graph.stat().st_size
+    assert all(not p.converted for p in (prepare_model(ModelSettings(model=str(folder), kolite_home=home)),))
 
 
 def test_changed_source_is_reconverted(folder: Path, tmp_path: Path) -> None:
@@ -66,7 +70,7 @@ def test_failed_conversion_leaves_nothing(folder: Path, tmp_path: Path, monkeypa
     def boom(*_a: object, **_k: object) -> None:
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr("kolite.engine.quantize.quantize_int8", boom)
+    monkeypatch.setattr("kolite.engine.graph.build_gpt2_graph", boom)
     with pytest.raises(RuntimeError, match="disk full"):
         prepare_model(ModelSettings(model=str(folder), kolite_home=home))
     leftovers = [p for p in home.rglob("*") if p.is_file()]

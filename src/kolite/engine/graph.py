@@ -49,9 +49,18 @@ class _Builder:
     nodes: list[onnx.NodeProto] = field(default_factory=list)
     inits: list[onnx.TensorProto] = field(default_factory=list)
     _count: int = 0
+    _scalars: set[str] = field(default_factory=set)
 
     def const(self, name: str, value: np.ndarray) -> str:
         self.inits.append(numpy_helper.from_array(np.ascontiguousarray(value), name))
+        return name
+
+    def scalar(self, value: float | int, dtype: type = np.float32) -> str:
+        """A scalar constant shared by every node that needs the same value."""
+        name = f"const_{np.dtype(dtype).name}_{value}"
+        if name not in self._scalars:
+            self._scalars.add(name)
+            self.const(name, np.array(value, dtype))
         return name
 
     def op(self, op_type: str, inputs: list[str], name: str | None = None, outputs: int = 1,
@@ -78,10 +87,35 @@ def _gelu(b: _Builder, x: str, activation: str, tag: str) -> str:
     return b.op("Mul", [b.op("Mul", [half, x]), b.op("Add", [one, inner])])
 
 
-def _linear(b: _Builder, x: str, w: np.ndarray, bias: np.ndarray, tag: str) -> str:
-    """x @ w + bias with transformers' Conv1D layout ([in, out])."""
-    product = b.op("MatMul", [x, b.const(f"{tag}.weight", w)], name=f"{tag}_matmul")
-    return b.op("Add", [product, b.const(f"{tag}.bias", bias)])
+def _linear(b: _Builder, x: str, w: np.ndarray, bias: np.ndarray | None, tag: str, int8: bool) -> str:
+    """x @ w (+ bias), w in transformers' Conv1D layout ([in, out]); int8 when asked."""
+    y = _int8_matmul(b, x, w, tag) if int8 else b.op("MatMul", [x, b.const(f"{tag}.weight", w)], name=f"{tag}_matmul")
+    return y if bias is None else b.op("Add", [y, b.const(f"{tag}.bias", bias)])
+
+
+def quantize_columns(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric int8 per output column: one float scale per column, zero point 0."""
+    scale = (np.abs(w).max(axis=0) / 127.0).astype(np.float32)
+    scale[scale == 0] = 1.0
+    return np.clip(np.rint(w / scale), -127, 127).astype(np.int8), scale
+
+
+def _int8_matmul(b: _Builder, x: str, w: np.ndarray, tag: str) -> str:
+    """int8 weights (per column) times int8 activations quantized per ROW (per token).
+
+    Each token's activations get their own scale, so a token's result never depends on the other
+    rows of the batch: the integer products are exact, and batching changes nothing. (onnxruntime's
+    dynamic quantization uses one scale for the whole input tensor, so a request's output would
+    change with whatever else shares its batch.) Activations are stored as uint8 with zero point 128.
+    """
+    wq, w_scale = quantize_columns(w)
+    amax = b.op("ReduceMax", [b.op("Abs", [x])], axes=[-1], keepdims=1)
+    a_scale = b.op("Mul", [b.op("Max", [amax, b.scalar(1e-12)]), b.scalar(1.0 / 127.0)])
+    shifted = b.op("Add", [b.op("Round", [b.op("Div", [x, a_scale])]), b.scalar(128.0)])
+    xq = b.op("Cast", [shifted], to=TensorProto.UINT8)
+    acc = b.op("MatMulInteger", [xq, b.const(f"{tag}.weight_q", wq), b.scalar(128, np.uint8)], name=f"{tag}_matmul")
+    scaled = b.op("Mul", [b.op("Cast", [acc], to=TensorProto.FLOAT), a_scale])
+    return b.op("Mul", [scaled, b.const(f"{tag}.scale", w_scale)])
 
 
 def _attention_bias(b: _Builder) -> str:
@@ -105,7 +139,9 @@ def _attention_bias(b: _Builder) -> str:
     return b.op("Add", [pad_bias, causal_bias], name="attn_bias")  # [B,1,S,T]
 
 
-def build_gpt2_graph(cfg: GPT2Config, weights: dict[str, np.ndarray], *, all_logits: bool = False) -> onnx.ModelProto:
+def build_gpt2_graph(
+    cfg: GPT2Config, weights: dict[str, np.ndarray], *, all_logits: bool = False, int8: bool = False
+) -> onnx.ModelProto:
     """The float32 GPT-2 graph for `cfg` with `weights` (canonical transformers key names)."""
     b = _Builder()
     e, h, d = cfg.n_embd, cfg.n_head, cfg.head_dim
@@ -133,7 +169,7 @@ def build_gpt2_graph(cfg: GPT2Config, weights: dict[str, np.ndarray], *, all_log
         qkv_b = w[p + "attn.c_attn.bias"].copy()
         qkv_w[:, :e] *= scale
         qkv_b[:e] *= scale
-        qkv = _linear(b, x, qkv_w, qkv_b, f"h{i}.attn.c_attn")
+        qkv = _linear(b, x, qkv_w, qkv_b, f"h{i}.attn.c_attn", int8)
         q, k, v = b.op("Split", [qkv, split_sizes], outputs=3, axis=-1)
         q, k, v = (b.op("Transpose", [b.op("Reshape", [t, heads_shape])], perm=[0, 2, 1, 3]) for t in (q, k, v))
         k_all = b.op("Concat", [f"past_key_{i}", k], name=f"present_key_{i}", axis=2)
@@ -141,15 +177,15 @@ def build_gpt2_graph(cfg: GPT2Config, weights: dict[str, np.ndarray], *, all_log
         scores = b.op("MatMul", [q, b.op("Transpose", [k_all], perm=[0, 1, 3, 2])])
         probs = b.op("Softmax", [b.op("Add", [scores, bias])], axis=-1)
         ctx = b.op("Reshape", [b.op("Transpose", [b.op("MatMul", [probs, v_all])], perm=[0, 2, 1, 3]), merge_shape])
-        attn = _linear(b, ctx, w[p + "attn.c_proj.weight"], w[p + "attn.c_proj.bias"], f"h{i}.attn.c_proj")
+        attn = _linear(b, ctx, w[p + "attn.c_proj.weight"], w[p + "attn.c_proj.bias"], f"h{i}.attn.c_proj", int8)
         hidden = b.op("Add", [hidden, attn])
 
         x = b.op("LayerNormalization", [hidden, b.const(p + "ln_2.weight", w[p + "ln_2.weight"]),
                                         b.const(p + "ln_2.bias", w[p + "ln_2.bias"])],
                  axis=-1, epsilon=cfg.layer_norm_epsilon)
-        m = _linear(b, x, w[p + "mlp.c_fc.weight"], w[p + "mlp.c_fc.bias"], f"h{i}.mlp.c_fc")
+        m = _linear(b, x, w[p + "mlp.c_fc.weight"], w[p + "mlp.c_fc.bias"], f"h{i}.mlp.c_fc", int8)
         m = _gelu(b, m, cfg.activation_function, f"h{i}.gelu")
-        m = _linear(b, m, w[p + "mlp.c_proj.weight"], w[p + "mlp.c_proj.bias"], f"h{i}.mlp.c_proj")
+        m = _linear(b, m, w[p + "mlp.c_proj.weight"], w[p + "mlp.c_proj.bias"], f"h{i}.mlp.c_proj", int8)
         hidden = b.op("Add", [hidden, m])
 
     hidden = b.op("LayerNormalization", [hidden, b.const("ln_f.weight", w["transformer.ln_f.weight"]),
@@ -159,8 +195,8 @@ def build_gpt2_graph(cfg: GPT2Config, weights: dict[str, np.ndarray], *, all_log
         hidden = b.op("Slice", [hidden, b.const("last_start", np.array([-1], np.int64)),
                                 b.const("last_end", np.array([np.iinfo(np.int64).max], np.int64)),
                                 b.const("last_axis", np.array([1], np.int64))])
-    lm_head = b.const("lm_head.weight", np.ascontiguousarray(w["transformer.wte.weight"].T))
-    b.op("MatMul", [hidden, lm_head], name="logits")
+    logits = _linear(b, hidden, np.ascontiguousarray(w["transformer.wte.weight"].T), None, "lm_head", int8)
+    b.nodes.append(helper.make_node("Identity", [logits], ["logits"], name="n_logits"))
 
     kv_shape = ["batch", h, "past_len", d]
     inputs = [

@@ -43,11 +43,11 @@ class PreparedModel:
     converted: bool  # False when the cache already held it
 
 
-def _expected_manifest(files: ModelFiles, precision: str, per_channel: bool) -> dict:
+def _expected_manifest(files: ModelFiles, precision: str, scheme: str) -> dict:
     return {
         "graph_version": GRAPH_VERSION,
         "precision": precision,
-        "per_channel": per_channel if precision == "int8" else None,
+        "int8_scheme": scheme if precision == "int8" else None,
         "source": {"name": files.name, "revision": files.revision,
                    "weights": file_fingerprint(files.weights), "config": file_fingerprint(files.config)},
         "onnx": onnx.__version__,
@@ -56,8 +56,13 @@ def _expected_manifest(files: ModelFiles, precision: str, per_channel: bool) -> 
 
 
 def build_graph_files(files: ModelFiles, cfg: GPT2Config, precision: str, out_dir: Path,
-                      *, per_channel: bool = True, progress: Progress | None = None) -> Path:
-    """Convert the checkpoint in `files` to `out_dir/model.onnx`; returns that path."""
+                      *, scheme: str = "per-token", progress: Progress | None = None) -> Path:
+    """Convert the checkpoint in `files` to `out_dir/model.onnx`; returns that path.
+
+    int8 "per-token" is built straight into the graph (int8 weights per column, activations
+    quantized per token at run time); "ort-dynamic" builds fp32 and runs onnxruntime's
+    `quantize_dynamic` (per-channel) over it.
+    """
     from kolite.engine.graph import build_gpt2_graph
     from kolite.engine.quantize import quantize_int8
 
@@ -65,29 +70,34 @@ def build_graph_files(files: ModelFiles, cfg: GPT2Config, precision: str, out_di
     say(f"reading weights {files.weights.name}")
     weights = gpt2_weights(load_state_dict(files.weights), cfg)
     say(f"building GPT-2 graph ({cfg.n_layer} layers, {cfg.n_embd} wide, vocab {cfg.vocab_size})")
-    model = build_gpt2_graph(cfg, weights)
+    per_token = precision == "int8" and scheme == "per-token"
+    if per_token:
+        say("quantizing weights to int8 (per column; activations per token at run time)")
+    model = build_gpt2_graph(cfg, weights, int8=per_token)
     del weights
     target = out_dir / GRAPH
-    fp32_path = target if precision == "fp32" else out_dir / "model.fp32.onnx"
+    fp32_path = out_dir / "model.fp32.onnx" if precision == "int8" and not per_token else target
     onnx.save_model(model, str(fp32_path))
     del model
     gc.collect()
-    if precision == "int8":
-        say("quantizing to int8 (per-channel)" if per_channel else "quantizing to int8 (per-tensor)")
-        quantize_int8(fp32_path, target, per_channel=per_channel)
+    if fp32_path != target:
+        say("quantizing to int8 with onnxruntime's quantize_dynamic (per-channel)")
+        quantize_int8(fp32_path, target, per_channel=True)
         fp32_path.unlink()
     return target
 
 
-def prepare_model(settings: ModelSettings, *, progress: Progress | None = None,
-                  per_channel: bool = True) -> PreparedModel:
+def prepare_model(settings: ModelSettings, *, progress: Progress | None = None) -> PreparedModel:
     """Resolve, and convert unless the cache holds a graph made from the same source."""
     say = progress or (lambda msg: log.info("%s", msg))
     files = resolve_model(settings.model, revision=settings.revision, cache_dir=settings.cache_dir,
                           local_files_only=settings.local_files_only, progress=progress is not None)
     cfg = GPT2Config.from_file(files.config)
-    folder = entry_folder(settings.kolite_home, files.name, files.revision, settings.precision)
-    expected = _expected_manifest(files, settings.precision, per_channel)
+    variant = settings.precision
+    if settings.precision == "int8" and settings.int8_scheme != "per-token":
+        variant = f"int8-{settings.int8_scheme}"
+    folder = entry_folder(settings.kolite_home, files.name, files.revision, variant)
+    expected = _expected_manifest(files, settings.precision, settings.int8_scheme)
     entry: CacheEntry | None = lookup(folder, expected)
     if entry is not None:
         say(f"using converted graph {entry.graph}")
@@ -96,6 +106,6 @@ def prepare_model(settings: ModelSettings, *, progress: Progress | None = None,
     started = time.perf_counter()
     manifest = {**expected, "config": cfg.to_dict(), "kolite": __version__}
     entry = write_entry(folder, manifest, lambda tmp: build_graph_files(
-        files, cfg, settings.precision, tmp, per_channel=per_channel, progress=say))
+        files, cfg, settings.precision, tmp, scheme=settings.int8_scheme, progress=say))
     say(f"converted {files.name} to {settings.precision} in {time.perf_counter() - started:.1f}s: {entry.graph}")
     return PreparedModel(files, cfg, settings.precision, entry.graph, entry.manifest, converted=True)
