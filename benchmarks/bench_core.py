@@ -10,7 +10,8 @@ One run measures, for each engine, on a random-weight model of KoGPT2's exact sh
 * peak RSS         = the engine process's high-water resident set (`VmHWM`), each engine in its own
   fresh subprocess; `ru_maxrss` is reported beside it as a cross-check (see the note in
   `_memory`: on Linux `ru_maxrss` survives fork+exec, so it can show the *parent's* peak);
-* import and load times, and the first (cold) call, separately.
+* import and load times, and the first (cold) call, separately. Before the timed repeats each engine
+  also makes one untimed full call, so the repeats measure a warm server (medians are reported).
 
 Greedy decoding, and nothing stops early: kolite runs its real serving loop
 (`engine.generate.run_sequence`, with its sampler and streaming detokenizer) on a `Sequence` whose
@@ -96,12 +97,12 @@ def _memory() -> dict[str, float | None]:
     the orchestrator therefore does all heavy work in subprocesses and stays small.
     """
     ru = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-    hwm, rss = _status_kb("VmHWM"), _status_kb("VmRSS")
-    out: dict[str, float | None] = {
-        "vmhwm_mb": None if hwm is None else round(hwm / 1024, 1),
-        "rss_mb": None if rss is None else round(rss / 1024, 1),
-        "ru_maxrss_mb": round(ru, 1),
-    }
+    out: dict[str, float | None] = {"ru_maxrss_mb": round(ru, 1)}
+    # RssFile: pages of mapped files (e.g. mmap-ed safetensors); RssAnon: the process's own heap.
+    for key, field in (("vmhwm_mb", "VmHWM"), ("rss_mb", "VmRSS"), ("rss_anon_mb", "RssAnon"),
+                       ("rss_file_mb", "RssFile")):
+        kb = _status_kb(field)
+        out[key] = None if kb is None else round(kb / 1024, 1)
     with contextlib.suppress(Exception):
         import psutil
 
@@ -139,6 +140,24 @@ def _cpu_flags() -> list[str]:
     except OSError:
         pass
     return []
+
+
+def kolite_source() -> dict[str, Any]:
+    """Which kolite was measured: a hash of its sources (the repo is edited while benchmarks run)."""
+    try:
+        import importlib.util
+
+        spec = importlib.util.find_spec("kolite")
+        root = Path(next(iter(spec.submodule_search_locations))) if spec else REPO / "src" / "kolite"
+    except (ImportError, StopIteration):
+        root = REPO / "src" / "kolite"
+    files = sorted(root.rglob("*.py"))
+    h = hashlib.sha256()
+    for f in files:
+        h.update(str(f.relative_to(root)).encode() + b"\0" + f.read_bytes() + b"\0")
+    newest = max((f.stat().st_mtime for f in files), default=0)
+    return {"path": str(root), "files": len(files), "sha256": h.hexdigest()[:16],
+            "newest_mtime": dt.datetime.fromtimestamp(newest, dt.UTC).isoformat(timespec="seconds")}
 
 
 def machine_info() -> dict[str, Any]:
@@ -332,6 +351,11 @@ def _kolite_settings(spec: dict, precision: str):
                          local_files_only=True)
 
 
+def _manifest(lm) -> dict:
+    """The converted graph's manifest without the bulky parts (config, source fingerprint)."""
+    return {k: v for k, v in lm.prepared.manifest.items() if k not in ("config", "source")}
+
+
 def worker_convert(spec: dict) -> dict:
     from kolite.service import load_model
 
@@ -342,7 +366,7 @@ def worker_convert(spec: dict) -> dict:
     graph = lm.prepared.graph
     size = sum(p.stat().st_size for p in graph.parent.iterdir() if p.is_file())
     return {"precision": precision, "converted": lm.prepared.converted, "seconds": round(seconds, 2),
-            "graph": str(graph), "graph_mb": round(size / 2**20, 1), "memory": _memory()}
+            "graph": str(graph), "graph_mb": round(size / 2**20, 1), "manifest": _manifest(lm), "memory": _memory()}
 
 
 # ====================================================================================================
@@ -350,8 +374,10 @@ def worker_convert(spec: dict) -> dict:
 
 
 def _timed_runs(engine_call, prompt: Any, new_tokens: int, repeats: int) -> dict:
-    """Cold first call, then `repeats` x (TTFT call with 1 new token, full call with `new_tokens`)."""
+    """Cold first call (1 token), one untimed full call (warms the decode path, e.g. growing-cache
+    shapes and allocator), then `repeats` x (TTFT call with 1 new token, full call with `new_tokens`)."""
     cold = engine_call(prompt, 1)
+    warm = engine_call(prompt, new_tokens)
     ttft, ttft_stream, e2e, rate = [], [], [], []
     first_ids: list[int] = []
     for r in range(repeats):
@@ -368,7 +394,8 @@ def _timed_runs(engine_call, prompt: Any, new_tokens: int, repeats: int) -> dict
             first_ids = list(full["ids"])
         _log(f"  repeat {r + 1}/{repeats}: ttft {ttft[-1]:.3f}s, decode {rate[-1]:.1f} tok/s, "
              f"e2e {e2e[-1]:.2f}s")
-    return {"cold_first_call_s": round(cold["end"] - cold["start"], 4), "ttft_s": _summary(ttft),
+    return {"cold_first_call_s": round(cold["end"] - cold["start"], 4),
+            "warmup_full_call_s": round(warm["end"] - warm["start"], 4), "ttft_s": _summary(ttft),
             "ttft_in_stream_s": _summary(ttft_stream), "e2e_s": _summary(e2e),
             "decode_tok_s": _summary(rate), "generated_ids": first_ids}
 
@@ -412,7 +439,7 @@ def worker_kolite(spec: dict) -> dict:
         "engine": f"kolite-{precision}", "import_s": round(t_import - t0, 3), "load_s": round(t_load - t_import, 3),
         "loaded_from_cache": not lm.prepared.converted, "prompt_tokens": len(spec["prompt"]["ids"]),
         "new_tokens": spec["new_tokens"], "threads": so.intra_op_num_threads,
-        "graph": str(lm.prepared.graph), "torch_imported": "torch" in sys.modules,
+        "graph": str(lm.prepared.graph), "manifest": _manifest(lm), "torch_imported": "torch" in sys.modules,
         **runs, "memory_after_import": mem_import, "memory_after_load": mem_load, "memory_end": _memory(),
     }
 
@@ -477,15 +504,44 @@ def worker_pipeline(spec: dict) -> dict:
     }
 
 
+def worker_probe(spec: dict) -> dict:
+    """A fixed numpy workload run just before each engine, to tell a slow engine from a slow machine.
+
+    The host is shared (VMs, other people's tests): the same engine has been seen to run 3x slower for
+    minutes at a time. gemm is compute-bound (like prefill); gemv over a 96 MB matrix is memory-bound
+    (like batch-1 decode). numpy's BLAS runs with `--threads` threads (set through the environment).
+    """
+    import numpy as np
+
+    def best(fn, reps: int) -> float:
+        fn()
+        times = []
+        for _ in range(reps):
+            t = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t)
+        return _median(times)
+
+    a = np.ones((512, 768), np.float32)
+    b = np.ones((768, 3072), np.float32)
+    gemm = best(lambda: a @ b, 20)
+    m = np.ones((8192, 3072), np.float32)
+    v = np.ones(3072, np.float32)
+    gemv = best(lambda: m @ v, 20)
+    return {"gemm_gflops": round(2 * 512 * 768 * 3072 / gemm / 1e9, 1),
+            "gemv_gbps": round(m.nbytes / gemv / 1e9, 1)}
+
+
 WORKERS = {"prepare": worker_prepare, "convert": worker_convert, "kolite": worker_kolite,
-           "pipeline": worker_pipeline}
+           "pipeline": worker_pipeline, "probe": worker_probe}
 
 
 def worker_main(argv: list[str]) -> int:
     kind, spec_path, out_path = argv
     spec = json.loads(Path(spec_path).read_text(encoding="utf-8"))
     result = WORKERS[kind](spec)
-    result["memory_peak"] = _memory()
+    peak = _memory()
+    result["memory_peak"] = {k: peak[k] for k in ("vmhwm_mb", "ru_maxrss_mb")}
     result["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]
     Path(out_path).write_text(json.dumps(result, ensure_ascii=False), encoding="utf-8")
     return 0
@@ -495,14 +551,14 @@ def worker_main(argv: list[str]) -> int:
 # orchestrator
 
 
-def _run_worker(kind: str, spec: dict, scratch: Path) -> dict:
+def _run_worker(kind: str, spec: dict, scratch: Path, extra_env: dict[str, str] | None = None) -> dict:
     """Run one worker in a fresh interpreter; its result comes back through a JSON file."""
     name = f"{kind}-{spec.get('precision', '')}".rstrip("-")
     spec_path, out_path = scratch / f"{name}.spec.json", scratch / f"{name}.out.json"
     spec_path.write_text(json.dumps(spec, ensure_ascii=False), encoding="utf-8")
     out_path.unlink(missing_ok=True)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1",
-           "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
+           "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1", **(extra_env or {})}
     started = time.perf_counter()
     proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "_worker", kind, str(spec_path),
                            str(out_path)], env=env, check=False)
@@ -556,11 +612,13 @@ ROWS: list[tuple[str, str, str]] = [
     ("peak RSS, VmHWM (MB)", "memory_peak.vmhwm_mb", "{:.0f}"),
     ("peak RSS, ru_maxrss (MB)", "memory_peak.ru_maxrss_mb", "{:.0f}"),
     ("RSS after load (MB)", "memory_after_load.rss_mb", "{:.0f}"),
+    ("RSS at end: anon + file-mapped (MB)", "memory_end", "split"),
     ("load time (s)", "load_s", "{:.2f}"),
     ("import time (s)", "import_s", "{:.2f}"),
     ("cold first call, 1 token (s)", "cold_first_call_s", "{:.3f}"),
     ("first token inside the full call (s)", "ttft_in_stream_s.median", "{:.3f}"),
     ("decode tok/s min..max", "decode_tok_s", "range"),
+    ("machine probe before: gemm GFLOP/s, gemv GB/s", "probe_before", "probe"),
 ]
 
 
@@ -575,6 +633,10 @@ def _get(d: dict, path: str) -> Any:
 def _cell(value: Any, fmt: str) -> str:
     if value is None:
         return "-"
+    if fmt == "split":
+        return f"{value['rss_anon_mb']:.0f} + {value['rss_file_mb']:.0f}" if value.get("rss_anon_mb") else "-"
+    if fmt == "probe":
+        return f"{value['gemm_gflops']:.0f}, {value['gemv_gbps']:.1f}"
     if fmt == "range":
         return f"{value['min']:.1f}..{value['max']:.1f}"
     return fmt.format(value)
@@ -615,7 +677,7 @@ def main(argv: list[str] | None = None) -> int:
     base = {"work_dir": str(work), "quick": args.quick, "threads": args.threads, "new_tokens": args.new_tokens,
             "prompt_tokens": args.prompt_tokens, "repeats": args.repeats}
     report: dict[str, Any] = {
-        "benchmark": "bench_core", "machine": machine,
+        "benchmark": "bench_core", "machine": machine, "kolite_source_at_start": kolite_source(),
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "command": " ".join([Path(sys.executable).name, "benchmarks/bench_core.py", *(argv or sys.argv[1:])]),
     }
@@ -646,8 +708,13 @@ def main(argv: list[str] | None = None) -> int:
         for engine in args.engines:
             _log(f"engine {engine}: fresh process, {args.threads} threads")
             kind = "pipeline" if engine == "pipeline" else "kolite"
+            threads = str(args.threads)
+            probe = _run_worker("probe", spec, scratch, {"OMP_NUM_THREADS": threads,
+                                                         "OPENBLAS_NUM_THREADS": threads, "MKL_NUM_THREADS": threads})
+            _log(f"  machine probe: gemm {probe['gemm_gflops']} GFLOP/s, gemv {probe['gemv_gbps']} GB/s")
             try:
                 results[engine] = _run_worker(kind, {**spec, "precision": engine.removeprefix("kolite-")}, scratch)
+                results[engine]["probe_before"] = probe
             except RuntimeError as exc:
                 _log(f"  {exc}")
                 results[engine] = {"error": str(exc)}
@@ -660,6 +727,9 @@ def main(argv: list[str] | None = None) -> int:
             if ref and e != "pipeline" and "generated_ids" in r
         }
         machine["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]
+        report["kolite_source_at_end"] = kolite_source()
+        if report["kolite_source_at_end"]["sha256"] != report["kolite_source_at_start"]["sha256"]:
+            _log("WARNING: kolite's sources changed during the run; engines may have measured different code")
         table = render_table(results, args)
         report["table_markdown"] = table
     finally:
@@ -671,7 +741,9 @@ def main(argv: list[str] | None = None) -> int:
         f"({machine['physical_cores']} physical) | {machine['memory_gb']} GB | {machine['os']} | "
         f"flags {' '.join(machine['cpu_flags'])}",
         f"versions: python {machine['python']}, onnxruntime {machine['onnxruntime']}, torch {machine['torch']}, "
-        f"transformers {machine['transformers']}, kolite {machine['kolite']}",
+        f"transformers {machine['transformers']}, kolite {machine['kolite']} "
+        f"(sources {report['kolite_source_at_start']['sha256']}, newest file "
+        f"{report['kolite_source_at_start']['newest_mtime']})",
         f"model: random weights, shape {report['model']['shape']['n_layer']} layers x "
         f"{report['model']['shape']['n_embd']} wide, vocab {report['model']['shape']['vocab_size']} "
         f"({report['model']['parameters'] / 1e6:.0f}M params); tokenizer: {report['model']['tokenizer_kind']}",

@@ -39,5 +39,9 @@ class Overloaded(KoliteError):
     """The request queue is full (HTTP 429)."""
 
 
+class RequestTimeout(KoliteError):
+    """A request ran past its time limit and was stopped (HTTP 504)."""
+
+
 class GenerationFailed(KoliteError):
     """The engine failed while generating (HTTP 500)."""

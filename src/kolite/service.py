@@ -1,27 +1,26 @@
-"""The loaded model as the API sees it: a state (LOADING / READY / ERROR) and a generate call.
+"""The loaded model as the API sees it: a state (LOADING / READY / ERROR) and generate/stream calls.
 
 Loading (resolve, convert, open the session) runs on a background thread so the server answers
-`GET /` at once. All generation runs on one engine thread that owns the session: requests wait
-their turn instead of fighting over the cores, and the event loop never blocks on the model.
+`GET /` at once. All generation runs on the scheduler's engine thread, which owns the session and
+batches concurrent requests; the event loop only waits for events, so it never blocks on the model.
 """
 
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import enum
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 from kolite.config import ModelSettings
-from kolite.engine.generate import collect, run_sequence
 from kolite.engine.runtime import GPT2Runtime, RuntimeOptions
 from kolite.engine.sampling import SamplingParams
-from kolite.engine.sequence import Finish, Sequence
-from kolite.errors import GenerationFailed, KoliteError, ModelNotReady
+from kolite.engine.scheduler import Scheduler, SchedulerOptions
+from kolite.engine.sequence import Finish, Sequence, TokenEvent
+from kolite.errors import GenerationFailed, ModelNotReady, RequestTimeout
 from kolite.models.convert import PreparedModel, prepare_model
 from kolite.models.profiles import profile_for
 from kolite.tokenizer import Tokenizer
@@ -64,17 +63,19 @@ def load_model(settings: ModelSettings, progress: Callable[[str], None] | None =
 
 
 class ModelService:
-    """Owns the model's lifecycle and the engine thread."""
+    """Owns the model's lifecycle and its scheduler (the engine thread)."""
 
     def __init__(self, settings: ModelSettings,
-                 loader: Callable[[ModelSettings], LoadedModel] = load_model) -> None:
+                 loader: Callable[[ModelSettings], LoadedModel] = load_model,
+                 scheduler_options: SchedulerOptions | None = None) -> None:
         self.settings = settings
         self.model_name = settings.model
         self._loader = loader
+        self._scheduler_options = scheduler_options or SchedulerOptions()
         self.state = State.LOADING
         self.error: str | None = None
         self.model: LoadedModel | None = None
-        self._engine = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="kolite-engine")
+        self.scheduler: Scheduler | None = None
         self._loading: threading.Thread | None = None
 
     # lifecycle -----------------------------------------------------------------------------
@@ -87,14 +88,15 @@ class ModelService:
 
     def _load(self) -> None:
         try:
-            self.model = self._loader(self.settings)
+            model = self._loader(self.settings)
+            self.scheduler = Scheduler(model.runtime, self._scheduler_options)
+            self.model = model
         except Exception as exc:  # any failure must surface as ERROR with its reason
             log.exception("loading %s failed", self.model_name)
             self.error = f"{type(exc).__name__}: {exc}"
             self.state = State.ERROR
             return
-        log.info("model %s ready (%s, %.1fs)", self.model_name, self.model.prepared.precision,
-                 self.model.load_seconds)
+        log.info("model %s ready (%s, %.1fs)", self.model_name, model.prepared.precision, model.load_seconds)
         self.state = State.READY
 
     def wait_loaded(self, timeout: float | None = None) -> State:
@@ -103,7 +105,8 @@ class ModelService:
         return self.state
 
     def shutdown(self) -> None:
-        self._engine.shutdown(wait=False, cancel_futures=True)
+        if self.scheduler is not None:
+            self.scheduler.stop()
 
     # generation ----------------------------------------------------------------------------
     def ready_model(self) -> LoadedModel:
@@ -116,27 +119,32 @@ class ModelService:
     def encode(self, text: str) -> list[int]:
         return self.ready_model().tokenizer.encode(text)
 
-    def _generate_blocking(self, prompt_ids: list[int], params: SamplingParams,
-                           cancelled: threading.Event) -> Finish:
+    async def stream(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[TokenEvent | Finish]:
+        """Token events, then one Finish. Leaving the loop early (or being cancelled) cancels the
+        request, queued or running, and frees its batch row within one decode step."""
         model = self.ready_model()
-        seq = model.new_sequence(prompt_ids, params)
+        assert self.scheduler is not None
+        seq = model.new_sequence(prompt_ids, params)  # validates the context size before queueing
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[TokenEvent | Finish] = asyncio.Queue()
+        request = self.scheduler.submit(seq, lambda ev: loop.call_soon_threadsafe(queue.put_nowait, ev))
         try:
-            return collect(run_sequence(model.runtime, seq, cancelled.is_set))
-        except KoliteError:
-            raise
-        except Exception as exc:
-            log.exception("generation failed")
-            raise GenerationFailed(f"generation failed: {type(exc).__name__}") from exc
+            while True:
+                event = await queue.get()
+                if isinstance(event, Finish):
+                    if event.reason == "error":
+                        raise GenerationFailed("generation failed in the engine")
+                    if event.reason == "timeout":
+                        raise RequestTimeout(f"generation ran past {self._scheduler_options.timeout:.0f}s")
+                    yield event
+                    return
+                yield event
+        finally:
+            request.cancel()  # a no-op once it finished
 
     async def generate(self, prompt_ids: list[int], params: SamplingParams) -> Finish:
-        """Generate on the engine thread; if the caller is cancelled, the work stops within a token."""
-        model = self.ready_model()
-        model.new_sequence(prompt_ids, params)  # validate (context size) before queueing
-        cancelled = threading.Event()
-        future = self._engine.submit(self._generate_blocking, prompt_ids, params, cancelled)
-        try:
-            return await asyncio.wrap_future(future)
-        except asyncio.CancelledError:
-            cancelled.set()
-            future.cancel()
-            raise
+        """Generate to the end; returns the Finish with the full text and usage."""
+        async for event in self.stream(prompt_ids, params):
+            if isinstance(event, Finish):
+                return event
+        raise GenerationFailed("generation ended without a result")

@@ -18,6 +18,7 @@ from kolite.errors import (
     ModelNotFound,
     ModelNotReady,
     Overloaded,
+    RequestTimeout,
 )
 
 log = logging.getLogger(__name__)
@@ -29,6 +30,7 @@ _STATUS: list[tuple[type[KoliteError], int, str]] = [
     (ModelNotFound, 404, "not_found_error"),
     (Overloaded, 429, "rate_limit_error"),
     (ModelNotReady, 503, "service_unavailable"),
+    (RequestTimeout, 504, "timeout_error"),
     (GenerationFailed, 500, "server_error"),
 ]
 

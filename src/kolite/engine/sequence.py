@@ -12,7 +12,8 @@ from typing import Literal, Protocol
 from kolite.engine.sampling import Sampler, SamplingParams
 from kolite.errors import ContextTooLong, InvalidRequest
 
-FinishReason = Literal["stop", "length", "cancelled"]
+# stop: eos, a stop id or a stop string; length: max_new_tokens; the rest end a request early
+FinishReason = Literal["stop", "length", "cancelled", "timeout", "error"]
 
 
 class TextDecoder(Protocol):

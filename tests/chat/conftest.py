@@ -1,0 +1,78 @@
+"""Tokenizers for the chat tests: the real KoGPT2 / GPT-2 files (skipped when absent) and tiny built ones."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from kolite.models.profiles import profile_for
+from kolite.tokenizer import Tokenizer
+from tests.conftest import CORPUS, build_tiny_tokenizer, fixture_path
+
+CHATML = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+@pytest.fixture(scope="session")
+def ko() -> Tokenizer:
+    path = fixture_path("kogpt2-base-v2-tokenizer", "tokenizer.json")
+    return Tokenizer.from_files(path, profile_for("skt/kogpt2-base-v2", path))
+
+
+@pytest.fixture(scope="session")
+def gpt2() -> Tokenizer:
+    folder = fixture_path("gpt2-tokenizer")
+    profile = profile_for("gpt2", folder / "tokenizer.json", folder / "tokenizer_config.json")
+    return Tokenizer.from_files(folder / "tokenizer.json", profile)
+
+
+@pytest.fixture(scope="session")
+def facts() -> list[dict]:
+    return json.loads(fixture_path("chatbot-tiny-ko", "facts.json").read_text(encoding="utf-8"))[
+        "greedy_exact_answers"
+    ]
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> Tokenizer:
+    """A byte-level tokenizer with KoGPT2's specials at ids 0-6 (so the kogpt2 profile)."""
+    path = build_tiny_tokenizer(tmp_path_factory.mktemp("tiny-tok") / "tokenizer.json")
+    return Tokenizer.from_files(path, profile_for("tiny", path))
+
+
+def build_chatml_model(folder: Path, config: dict | None = None, *, template: str | None = CHATML) -> Path:
+    """A folder with a small byte-level tokenizer that has ChatML's tokens, and a tokenizer_config.json.
+
+    `<|endoftext|>` is the bos, `<|im_end|>` the eos, so the tokenizer gets a generic profile.
+    Returns the tokenizer_config.json path.
+    """
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    folder.mkdir(parents=True, exist_ok=True)
+    tok = HFTokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+    )
+    tok.train_from_iterator([*CORPUS, "system user assistant"] * 2, trainer=trainer)
+    tok.save(str(folder / "tokenizer.json"))
+    cfg = {"bos_token": "<|endoftext|>", "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"}
+    if template is not None:
+        cfg["chat_template"] = template
+    cfg.update(config or {})
+    (folder / "tokenizer_config.json").write_text(json.dumps(cfg, ensure_ascii=False), encoding="utf-8")
+    return folder / "tokenizer_config.json"
+
+
+def load_folder(config: Path) -> Tokenizer:
+    folder = config.parent
+    return Tokenizer.from_files(folder / "tokenizer.json", profile_for("chatml", folder / "tokenizer.json", config))
