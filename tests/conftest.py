@@ -11,8 +11,10 @@ from pathlib import Path
 
 import pytest
 
+from kolite.config import ModelSettings
 from kolite.models.gpt2config import GPT2Config
 from kolite.models.synthetic import write_checkpoint
+from kolite.service import LoadedModel, load_model
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURES = Path(os.environ.get("KOLITE_FIXTURES", REPO.parent / "shared" / "fixtures"))
@@ -65,6 +67,13 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     write_checkpoint(folder, TINY, seed=0)
     build_tiny_tokenizer(folder / "tokenizer.json")
     return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_loaded(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> LoadedModel:
+    """The tiny model converted to int8 (per-token) once per session."""
+    home = tmp_path_factory.mktemp("home")
+    return load_model(ModelSettings(model=str(tiny_model_dir), kolite_home=home, threads=1))
 
 
 @pytest.fixture()

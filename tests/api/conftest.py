@@ -10,14 +10,7 @@ import pytest
 
 from kolite.api.app import create_app
 from kolite.config import ModelSettings, ServerSettings
-from kolite.service import LoadedModel, ModelService, load_model
-
-
-@pytest.fixture(scope="session")
-def tiny_loaded(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> LoadedModel:
-    """The tiny model converted to int8 once per session."""
-    home = tmp_path_factory.mktemp("home")
-    return load_model(ModelSettings(model=str(tiny_model_dir), kolite_home=home, threads=1))
+from kolite.service import LoadedModel, ModelService
 
 
 def make_client(service: ModelService, **server: object) -> httpx.AsyncClient:
