@@ -12,13 +12,14 @@ import enum
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 
+from kolite.chat.templates import ChatTemplate, template_for
 from kolite.config import ModelSettings
 from kolite.engine.runtime import GPT2Runtime, RuntimeOptions
 from kolite.engine.sampling import SamplingParams
-from kolite.engine.scheduler import Scheduler, SchedulerOptions
+from kolite.engine.scheduler import Request, Scheduler, SchedulerOptions
 from kolite.engine.sequence import Finish, Sequence, TokenEvent
 from kolite.errors import GenerationFailed, ModelNotReady, RequestTimeout
 from kolite.models.convert import PreparedModel, prepare_model
@@ -41,6 +42,7 @@ class LoadedModel:
     prepared: PreparedModel
     tokenizer: Tokenizer
     runtime: GPT2Runtime
+    chat_template: ChatTemplate
     load_seconds: float
 
     @property
@@ -58,8 +60,9 @@ def load_model(settings: ModelSettings, progress: Callable[[str], None] | None =
     files = prepared.files
     profile = profile_for(files.repo_id or files.name, files.tokenizer or files.vocab, files.tokenizer_config)
     tokenizer = Tokenizer.from_files(files.tokenizer, profile, vocab=files.vocab, merges=files.merges)
+    chat_template = template_for(tokenizer, files.tokenizer_config, chat_template_file=files.root / "chat_template.jinja")
     runtime = GPT2Runtime(prepared.graph, prepared.config, RuntimeOptions(threads=settings.threads))
-    return LoadedModel(prepared, tokenizer, runtime, time.perf_counter() - started)
+    return LoadedModel(prepared, tokenizer, runtime, chat_template, time.perf_counter() - started)
 
 
 class ModelService:
@@ -119,32 +122,60 @@ class ModelService:
     def encode(self, text: str) -> list[int]:
         return self.ready_model().tokenizer.encode(text)
 
-    async def stream(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[TokenEvent | Finish]:
-        """Token events, then one Finish. Leaving the loop early (or being cancelled) cancels the
-        request, queued or running, and frees its batch row within one decode step."""
+    def submit(self, prompt_ids: list[int], params: SamplingParams) -> EventStream:
+        """Queue a request now (so 400/429/503 are raised before any response starts) and return
+        its events. Call from the event loop's thread."""
         model = self.ready_model()
         assert self.scheduler is not None
         seq = model.new_sequence(prompt_ids, params)  # validates the context size before queueing
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[TokenEvent | Finish] = asyncio.Queue()
         request = self.scheduler.submit(seq, lambda ev: loop.call_soon_threadsafe(queue.put_nowait, ev))
-        try:
-            while True:
-                event = await queue.get()
-                if isinstance(event, Finish):
-                    if event.reason == "error":
-                        raise GenerationFailed("generation failed in the engine")
-                    if event.reason == "timeout":
-                        raise RequestTimeout(f"generation ran past {self._scheduler_options.timeout:.0f}s")
-                    yield event
-                    return
-                yield event
-        finally:
-            request.cancel()  # a no-op once it finished
+        return EventStream(request, queue, self._scheduler_options.timeout)
 
     async def generate(self, prompt_ids: list[int], params: SamplingParams) -> Finish:
         """Generate to the end; returns the Finish with the full text and usage."""
-        async for event in self.stream(prompt_ids, params):
-            if isinstance(event, Finish):
-                return event
-        raise GenerationFailed("generation ended without a result")
+        stream = self.submit(prompt_ids, params)
+        try:
+            return await stream.result()
+        finally:
+            stream.cancel()
+
+
+class EventStream:
+    """A submitted request's events: `TokenEvent`s, then one `Finish` (stop or length).
+
+    Engine failures and timeouts arrive as exceptions. `cancel()` (also called when the consumer
+    stops early) takes the request out of the queue or the batch within one decode step.
+    """
+
+    def __init__(self, request: Request, queue: asyncio.Queue[TokenEvent | Finish], timeout: float | None) -> None:
+        self._request = request
+        self._queue = queue
+        self._timeout = timeout
+        self.finish: Finish | None = None
+
+    def cancel(self) -> None:
+        self._request.cancel()  # a no-op once it finished
+
+    def __aiter__(self) -> EventStream:
+        return self
+
+    async def __anext__(self) -> TokenEvent | Finish:
+        if self.finish is not None:
+            raise StopAsyncIteration
+        event = await self._queue.get()
+        if isinstance(event, Finish):
+            if event.reason == "error":
+                raise GenerationFailed("generation failed in the engine")
+            if event.reason == "timeout":
+                raise RequestTimeout(f"the request ran past its time limit of {self._timeout:.0f}s")
+            self.finish = event
+        return event
+
+    async def result(self) -> Finish:
+        async for _ in self:
+            pass
+        if self.finish is None:
+            raise GenerationFailed("generation ended without a result")
+        return self.finish

@@ -56,3 +56,12 @@ def test_repetition_penalty_as_in_transformers() -> None:
     assert s(lg, seen=[0]) == 1  # 2.0 / 2 = 1.0 < 1.9
     lg2 = np.array([-1.0, -1.5, -3.0])
     assert Sampler(SamplingParams(do_sample=False, repetition_penalty=2.0))(lg2, seen=[0]) == 1  # -1 * 2 = -2
+
+
+def test_presence_and_frequency_penalties_as_openai_defines_them() -> None:
+    lg = np.array([3.0, 2.5, 2.0, 0.0])
+    greedy = {"do_sample": False}
+    assert Sampler(SamplingParams(presence_penalty=0.6, **greedy))(lg, generated=[0]) == 1  # 3.0 - 0.6 < 2.5
+    assert Sampler(SamplingParams(frequency_penalty=0.3, **greedy))(lg, generated=[0]) == 0  # 2.7 > 2.5
+    assert Sampler(SamplingParams(frequency_penalty=0.3, **greedy))(lg, generated=[0, 0, 0]) == 1  # 2.1 < 2.5
+    assert Sampler(SamplingParams(presence_penalty=-1.5, **greedy))(lg, generated=[2]) == 2  # negative favours

@@ -1,13 +1,14 @@
 """Logits → next token id: greedy, or sampling with temperature, top-k, top-p and repetition penalty.
 
 Each request owns its random generator, seeded from the request's `seed`, so a request's tokens do
-not depend on what else is running. The order of the transforms is transformers' (repetition
-penalty → temperature → top-k → top-p), so the same settings mean the same thing here as there.
+not depend on what else is running. The order of the transforms is transformers' (OpenAI's
+presence/frequency penalties, repetition penalty → temperature → top-k → top-p), so the same
+settings mean the same thing here as there.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -23,8 +24,11 @@ class SamplingParams:
     top_k: int = 0  # 0: off
     top_p: float = 1.0  # 1.0: off
     repetition_penalty: float = 1.0  # 1.0: off
+    presence_penalty: float = 0.0  # OpenAI's: subtracted once from every token already generated
+    frequency_penalty: float = 0.0  # OpenAI's: subtracted per occurrence in the generated text
     seed: int | None = None
-    stop: tuple[str, ...] = field(default_factory=tuple)
+    stop: tuple[str, ...] = field(default_factory=tuple)  # stop strings, cut from the output
+    stop_token_ids: frozenset[int] = frozenset()  # besides the tokenizer's eos (e.g. a chat template's)
 
     @property
     def greedy(self) -> bool:
@@ -38,9 +42,13 @@ class Sampler:
         self.params = params
         self.rng = np.random.default_rng(params.seed)
 
-    def __call__(self, logits: np.ndarray, seen: Iterable[int] = ()) -> int:
+    def __call__(self, logits: np.ndarray, seen: Iterable[int] = (), generated: Sequence[int] = ()) -> int:
+        """`seen`: prompt and output ids (repetition penalty); `generated`: output ids only (OpenAI penalties)."""
         p = self.params
         scores = logits.astype(np.float64, copy=True)
+        if (p.presence_penalty or p.frequency_penalty) and len(generated):
+            ids, counts = np.unique(np.asarray(generated, dtype=np.int64), return_counts=True)
+            scores[ids] -= counts * p.frequency_penalty + p.presence_penalty
         if p.repetition_penalty != 1.0:
             idx = np.fromiter(set(seen), dtype=np.int64)
             if idx.size:

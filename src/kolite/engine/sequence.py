@@ -71,7 +71,7 @@ class Sequence:
         self.sampler = Sampler(params)
         self.generated: list[int] = []
         self._decoder = tokenizer.incremental_decoder(self.prompt_ids)
-        self._stop_ids = frozenset(tokenizer.stop_ids)
+        self._stop_ids = frozenset(tokenizer.stop_ids) | params.stop_token_ids
         self._stops = tuple(s for s in params.stop if s)
         self._seen: set[int] = set(prompt_ids)
         self.text = ""  # generated text so far (before stop-string truncation)
@@ -88,7 +88,7 @@ class Sequence:
 
     def next_token(self, logits) -> int:
         """Sample the next id from this sequence's last-position logits."""
-        return self.sampler(logits, self._seen)
+        return self.sampler(logits, self._seen, self.generated)
 
     def accept(self, token_id: int) -> TokenEvent:
         """Take a sampled token: stop on a stop id, a stop string or the length limit."""

@@ -24,7 +24,7 @@ TORCH_BIN = "pytorch_model.bin"
 WEIGHT_FILES = (SAFETENSORS, TORCH_BIN)
 SUPPORT_FILES = (
     "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-    "special_tokens_map.json", "vocab.json", "merges.txt",
+    "special_tokens_map.json", "vocab.json", "merges.txt", "chat_template.jinja",
 )
 # What transformers' safetensors_conversion.py looks for; the bot's hub account is spelled "SFconvertbot"
 # (transformers compares "SFConvertBot"), so the author is compared case-insensitively.
