@@ -60,7 +60,8 @@ def load_model(settings: ModelSettings, progress: Callable[[str], None] | None =
     files = prepared.files
     profile = profile_for(files.repo_id or files.name, files.tokenizer or files.vocab, files.tokenizer_config)
     tokenizer = Tokenizer.from_files(files.tokenizer, profile, vocab=files.vocab, merges=files.merges)
-    chat_template = template_for(tokenizer, files.tokenizer_config, chat_template_file=files.root / "chat_template.jinja")
+    chat_template = template_for(tokenizer, files.tokenizer_config,
+                                 chat_template_file=files.root / "chat_template.jinja")
     runtime = GPT2Runtime(prepared.graph, prepared.config, RuntimeOptions(threads=settings.threads))
     return LoadedModel(prepared, tokenizer, runtime, chat_template, time.perf_counter() - started)
 
