@@ -57,5 +57,6 @@ class ServerSettings(BaseSettings):
 
     host: str = Field("127.0.0.1", description="Address to bind.")
     port: int = Field(8000, ge=0, le=65535, description="Port to bind.")
+    served_model_name: str | None = Field(None, description="Model name the API shows and accepts (default: --model).")
     log_prompts: bool = Field(False, description="Write prompts and outputs to the log (off: they are private).")
     log_level: str = Field("info", description="uvicorn/kolite log level.")

@@ -26,6 +26,10 @@ class ModelNotReady(KoliteError):
 class ModelNotFound(KoliteError):
     """A model name or folder that cannot be resolved to files (HTTP 404 in the API)."""
 
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
+
 
 class ModelFormatError(KoliteError):
     """Checkpoint files exist but are not a GPT-2 family model kolite can convert."""

@@ -52,7 +52,7 @@ async def _kolite_error(_: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, KoliteError)
     status, type_ = status_of(exc)
     headers = {"Retry-After": "1"} if status in (429, 503) else None
-    code = "context_length_exceeded" if isinstance(exc, ContextTooLong) else None
+    code = {ContextTooLong: "context_length_exceeded", ModelNotFound: "model_not_found"}.get(type(exc))
     return error_response(status, str(exc), type_, getattr(exc, "param", None), code, headers)
 
 

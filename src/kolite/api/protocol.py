@@ -27,6 +27,7 @@ class GenerateRequest(BaseModel):
     repetition_penalty: float = Field(1.0, gt=0.0, le=100.0)
     stop: str | list[str] | None = Field(None, description="Stop strings (not included in the output).")
     seed: int | None = Field(None, ge=0, le=2**63 - 1, description="Makes sampling reproducible.")
+    stream: bool = Field(False, description="Server-Sent Events: {'text': piece} events, then the full answer.")
 
     @field_validator("prompt")
     @classmethod

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import json
 import logging
+from collections.abc import AsyncIterator
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
+from sse_starlette.sse import EventSourceResponse
 
 from kolite.api.protocol import DEFAULT_NEW_TOKENS, GenerateRequest, GenerateResponse, StatusResponse, Usage
+from kolite.api.streaming import sse_response, until_disconnect
 from kolite.engine.sampling import SamplingParams
+from kolite.engine.sequence import Finish
 from kolite.errors import ContextTooLong
 from kolite.service import ModelService, State
 
@@ -47,8 +52,17 @@ def new_token_budget(req: GenerateRequest, prompt_tokens: int) -> int:
     return DEFAULT_NEW_TOKENS
 
 
+def _response(req: GenerateRequest, finish: Finish) -> GenerateResponse:
+    return GenerateResponse(
+        input_prompt=req.prompt, generated_text=finish.text,
+        finish_reason="length" if finish.reason == "length" else "stop",
+        usage=Usage(prompt_tokens=finish.prompt_tokens, completion_tokens=finish.completion_tokens,
+                    total_tokens=finish.prompt_tokens + finish.completion_tokens),
+    )
+
+
 @router.post("/generate", response_model=GenerateResponse)
-async def generate(req: GenerateRequest, request: Request) -> GenerateResponse:
+async def generate(req: GenerateRequest, request: Request) -> GenerateResponse | EventSourceResponse:
     svc = _service(request)
     prompt_ids = svc.encode(req.prompt)
     params = SamplingParams(
@@ -56,12 +70,21 @@ async def generate(req: GenerateRequest, request: Request) -> GenerateResponse:
         do_sample=req.do_sample, top_k=req.top_k, top_p=req.top_p,
         repetition_penalty=req.repetition_penalty, seed=req.seed, stop=req.stop_list(),
     )
-    finish = await svc.generate(prompt_ids, params)
-    if request.app.state.log_prompts:
+    stream = svc.submit(prompt_ids, params)
+    log_prompts = request.app.state.log_prompts
+
+    if req.stream:
+        async def payloads() -> AsyncIterator[str]:
+            async for event in stream:
+                if isinstance(event, Finish):
+                    if log_prompts:
+                        log.info("prompt=%r output=%r", req.prompt, event.text)
+                    yield _response(req, event).model_dump_json()
+                elif event.text:
+                    yield json.dumps({"text": event.text}, ensure_ascii=False)
+
+        return sse_response(payloads(), stream)
+    finish = await until_disconnect(request, stream, stream.result())
+    if log_prompts:
         log.info("prompt=%r output=%r", req.prompt, finish.text)
-    return GenerateResponse(
-        input_prompt=req.prompt, generated_text=finish.text,
-        finish_reason="length" if finish.reason == "length" else "stop",
-        usage=Usage(prompt_tokens=finish.prompt_tokens, completion_tokens=finish.completion_tokens,
-                    total_tokens=finish.prompt_tokens + finish.completion_tokens),
-    )
+    return _response(req, finish)

@@ -1,0 +1,57 @@
+"""Server-Sent Events and client-disconnect handling shared by every route that generates.
+
+A client that goes away cancels its request: streaming responses notice through sse-starlette
+(the generator is closed), plain responses through a watcher on the ASGI receive channel.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Awaitable
+from typing import TypeVar
+
+from sse_starlette.sse import EventSourceResponse
+from starlette.requests import Request
+
+from kolite.api.openai_serving import error_payload
+from kolite.service import EventStream
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+def sse_response(payloads: AsyncIterator[str], stream: EventStream) -> EventSourceResponse:
+    """Stream `payloads` as `data:` events, then `data: [DONE]`; an error mid-stream becomes an
+    OpenAI error event. Closing the connection cancels the request."""
+
+    async def events() -> AsyncIterator[dict[str, str]]:
+        try:
+            async for data in payloads:
+                yield {"data": data}
+        except Exception as exc:  # the status line is sent: report in-band, as OpenAI does
+            log.warning("stream ended with an error: %s", exc)
+            yield {"data": error_payload(exc)}
+        finally:
+            stream.cancel()
+        yield {"data": "[DONE]"}
+
+    return EventSourceResponse(events(), ping=15, headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+async def until_disconnect(request: Request, stream: EventStream, work: Awaitable[T]) -> T:
+    """Await `work`; if the client disconnects first, cancel the request (it leaves within a step)."""
+
+    async def watch() -> None:
+        while True:
+            message = await request.receive()
+            if message["type"] == "http.disconnect":
+                stream.cancel()
+                return
+
+    watcher = asyncio.create_task(watch())
+    try:
+        return await work
+    finally:
+        watcher.cancel()
+        stream.cancel()
