@@ -57,6 +57,9 @@ class ServerSettings(BaseSettings):
 
     host: str = Field("127.0.0.1", description="Address to bind.")
     port: int = Field(8000, ge=0, le=65535, description="Port to bind.")
+    max_batch: int = Field(8, ge=1, le=256, description="Requests decoded together in one batch.")
+    max_queue: int = Field(64, ge=0, le=100_000, description="Requests waiting for a batch slot; more get HTTP 429.")
+    request_timeout: float = Field(600.0, gt=0, description="Seconds a request may take before it is stopped (504).")
     served_model_name: str | None = Field(None, description="Model name the API shows and accepts (default: --model).")
     log_prompts: bool = Field(False, description="Write prompts and outputs to the log (off: they are private).")
     log_level: str = Field("info", description="uvicorn/kolite log level.")

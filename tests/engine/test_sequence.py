@@ -88,3 +88,14 @@ def test_check_fits() -> None:
         check_fits(0, 5, 1024)
     with pytest.raises(InvalidRequest):
         check_fits(5, 0, 1024)
+
+
+def test_ignore_eos_keeps_going_and_extra_stop_ids_stop() -> None:
+    seq = Sequence([1], SamplingParams(max_new_tokens=3, ignore_eos=True), CharTokenizer(), 1024)
+    for t in (ord("a"), EOS, ord("b")):
+        seq.accept(t)
+    assert seq.finish_reason == "length" and seq.result().completion_tokens == 3
+    seq = Sequence([1], SamplingParams(max_new_tokens=9, stop_token_ids=frozenset({ord("z")})), CharTokenizer(), 1024)
+    seq.accept(ord("a"))
+    seq.accept(ord("z"))
+    assert seq.finish_reason == "stop" and seq.result().text == "a"

@@ -12,6 +12,7 @@ from kolite.api import routes_openai, routes_simple
 from kolite.api.errors import install_error_handlers
 from kolite.api.openai_serving import OpenAIServing
 from kolite.config import ModelSettings, ServerSettings
+from kolite.engine.scheduler import SchedulerOptions
 from kolite.service import ModelService
 
 
@@ -22,7 +23,9 @@ def create_app(
 ) -> FastAPI:
     """Build the app; the lifespan starts loading the model (unless `service` already did)."""
     server_settings = server_settings or ServerSettings()
-    svc = service or ModelService(model_settings or ModelSettings())
+    svc = service or ModelService(model_settings or ModelSettings(), scheduler_options=SchedulerOptions(
+        max_batch=server_settings.max_batch, max_queue=server_settings.max_queue,
+        timeout=server_settings.request_timeout))
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:

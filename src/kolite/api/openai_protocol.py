@@ -51,6 +51,7 @@ class SamplingFields(BaseModel):
     # kolite extras (as in vLLM and llama.cpp's server)
     top_k: int = Field(0, ge=0, le=1_000_000, description="0 turns top-k off.")
     repetition_penalty: float = Field(1.0, gt=0.0, le=100.0)
+    ignore_eos: bool = Field(False, description="Keep generating past end-of-text (for benchmarks).")
 
     @field_validator("stop")
     @classmethod

@@ -93,6 +93,7 @@ class OpenAIServing:
             top_k=req.top_k, top_p=req.top_p, repetition_penalty=req.repetition_penalty,
             presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty, seed=req.seed,
             stop=tuple(dict.fromkeys(req.stop_list() + extra_stops)), stop_token_ids=stop_ids,
+            ignore_eos=req.ignore_eos,
         )
 
     def prepare_completion(self, req: CompletionRequest) -> Prepared:

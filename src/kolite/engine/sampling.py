@@ -29,6 +29,7 @@ class SamplingParams:
     seed: int | None = None
     stop: tuple[str, ...] = field(default_factory=tuple)  # stop strings, cut from the output
     stop_token_ids: frozenset[int] = frozenset()  # besides the tokenizer's eos (e.g. a chat template's)
+    ignore_eos: bool = False  # generate max_new_tokens whatever comes (benchmarks); stop strings still apply
 
     @property
     def greedy(self) -> bool:

@@ -71,7 +71,7 @@ class Sequence:
         self.sampler = Sampler(params)
         self.generated: list[int] = []
         self._decoder = tokenizer.incremental_decoder(self.prompt_ids)
-        self._stop_ids = frozenset(tokenizer.stop_ids) | params.stop_token_ids
+        self._stop_ids = frozenset() if params.ignore_eos else frozenset(tokenizer.stop_ids) | params.stop_token_ids
         self._stops = tuple(s for s in params.stop if s)
         self._seen: set[int] = set(prompt_ids)
         self.text = ""  # generated text so far (before stop-string truncation)
