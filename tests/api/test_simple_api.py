@@ -157,7 +157,7 @@ async def test_generation_failure_is_500_json(tiny_loaded: LoadedModel, tiny_mod
     def explode(*_a: object, **_k: object) -> None:
         raise RuntimeError("onnxruntime exploded")
 
-    monkeypatch.setattr(tiny_loaded.runtime, "forward", explode)
+    monkeypatch.setattr(tiny_loaded.runtime, "prefill", explode)
     async with make_client(svc) as c:
         svc.wait_loaded(10)
         r = await c.post("/generate", json={"prompt": "hi"})
@@ -168,13 +168,13 @@ async def test_generation_failure_is_500_json(tiny_loaded: LoadedModel, tiny_mod
 
 async def test_health_answers_while_generating(tiny_loaded: LoadedModel, tiny_model_dir: Path,
                                                monkeypatch: pytest.MonkeyPatch) -> None:
-    real = tiny_loaded.runtime.forward
+    real = tiny_loaded.runtime.decode
 
     def slow(*args: object, **kw: object) -> tuple:
         time.sleep(0.05)
         return real(*args, **kw)
 
-    monkeypatch.setattr(tiny_loaded.runtime, "forward", slow)
+    monkeypatch.setattr(tiny_loaded.runtime, "decode", slow)
     svc = ModelService(ModelSettings(model=str(tiny_model_dir)), loader=lambda _s: tiny_loaded)
     async with make_client(svc) as c:
         svc.wait_loaded(10)
@@ -197,7 +197,7 @@ async def test_prompts_are_not_logged_by_default(client: httpx.AsyncClient, capl
     assert secret not in caplog.text
 
 
-def test_runtime_forward_is_numpy() -> None:  # guard: the API layer never imports numpy or onnxruntime
+def test_api_layer_does_not_touch_tensors() -> None:  # guard: the API layer never imports numpy or onnxruntime
     import kolite.api.app as app_mod
     import kolite.api.routes_simple as routes
 

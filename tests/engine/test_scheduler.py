@@ -127,15 +127,15 @@ def test_cancel_while_queued(tiny_loaded: LoadedModel) -> None:
 def test_full_queue_is_overloaded(tiny_loaded: LoadedModel) -> None:
     (p,) = _prompts(tiny_loaded, 1)
     gate = threading.Event()
-    real = tiny_loaded.runtime.forward
+    real = tiny_loaded.runtime.prefill
     sched = Scheduler(tiny_loaded.runtime, SchedulerOptions(max_batch=1, max_queue=2))
 
-    def blocked(*a: object, **k: object) -> tuple:
+    def blocked(*a: object, **k: object) -> object:
         gate.wait(10)
         return real(*a, **k)
 
     try:
-        tiny_loaded.runtime.forward = blocked  # type: ignore[method-assign]
+        tiny_loaded.runtime.prefill = blocked  # type: ignore[method-assign]
         sinks = [Collector() for _ in range(3)]
         params = SamplingParams(max_new_tokens=2, do_sample=False)
         sched.submit(tiny_loaded.new_sequence(p, params), sinks[0])
@@ -149,7 +149,7 @@ def test_full_queue_is_overloaded(tiny_loaded: LoadedModel) -> None:
         assert all(s.finish.reason in ("length", "stop") for s in sinks)
     finally:
         gate.set()
-        del tiny_loaded.runtime.forward
+        del tiny_loaded.runtime.prefill
         sched.stop()
 
 
@@ -168,16 +168,16 @@ def test_engine_error_fails_requests_and_engine_survives(tiny_loaded: LoadedMode
     (p,) = _prompts(tiny_loaded, 1)
     sched = Scheduler(tiny_loaded.runtime)
     calls = {"n": 0}
-    real = tiny_loaded.runtime.forward
+    real = tiny_loaded.runtime.prefill
 
-    def flaky(*a: object, **k: object) -> tuple:
+    def flaky(*a: object, **k: object) -> object:
         calls["n"] += 1
         if calls["n"] == 1:
             raise RuntimeError("boom")
         return real(*a, **k)
 
     try:
-        tiny_loaded.runtime.forward = flaky  # type: ignore[method-assign]
+        tiny_loaded.runtime.prefill = flaky  # type: ignore[method-assign]
         bad = Collector()
         sched.submit(tiny_loaded.new_sequence(p, SamplingParams(max_new_tokens=3)), bad)
         assert bad.finish.reason == "error"
@@ -185,5 +185,5 @@ def test_engine_error_fails_requests_and_engine_survives(tiny_loaded: LoadedMode
         sched.submit(tiny_loaded.new_sequence(p, SamplingParams(max_new_tokens=3)), good)
         assert good.finish.reason in ("length", "stop")
     finally:
-        del tiny_loaded.runtime.forward
+        del tiny_loaded.runtime.prefill
         sched.stop()

@@ -9,7 +9,7 @@ import onnx
 import pytest
 
 from kolite.engine.graph import build_gpt2_graph
-from kolite.engine.runtime import GPT2Runtime, positions_from_mask
+from kolite.engine.runtime import GPT2Runtime
 from kolite.models.gpt2config import GPT2Config
 from kolite.models.synthetic import write_checkpoint
 
@@ -29,38 +29,41 @@ def pair(tmp_path_factory: pytest.TempPathFactory) -> tuple[object, GPT2Runtime]
     hf = transformers.GPT2LMHeadModel.from_pretrained(folder, attn_implementation="eager").eval()
     sd = load_file(folder / "model.safetensors")
     onnx.save(build_gpt2_graph(CFG, sd, all_logits=True), folder / "model.onnx")
-    return hf, GPT2Runtime(folder / "model.onnx", CFG)
+    return hf, GPT2Runtime(folder / "model.onnx", CFG, slots=2)
 
 
 def test_prefill_and_cached_decode_match_transformers(pair: tuple) -> None:
     hf, rt = pair
-    ids = np.array([[4, 8, 15, 16, 23, 42, 108, 300]])
+    ids = [4, 8, 15, 16, 23, 42, 108, 300]
     with torch.no_grad():
-        out = hf(torch.from_numpy(ids), use_cache=True)
-    mask = np.ones_like(ids)
-    logits, past = rt.forward(ids, mask, positions_from_mask(mask, 8), rt.empty_cache(1))
-    np.testing.assert_allclose(logits, out.logits.numpy(), atol=TOL, rtol=0)
+        out = hf(torch.tensor([ids]), use_cache=True)
+    np.testing.assert_allclose(rt.prefill(0, ids), out.logits[0].numpy(), atol=TOL, rtol=0)
     hf_past = out.past_key_values
     for step, tok in enumerate([77, 5, 250]):
         with torch.no_grad():
             out = hf(torch.tensor([[tok]]), past_key_values=hf_past, use_cache=True)
         hf_past = out.past_key_values
-        mask = np.ones((1, 9 + step), np.int64)
-        logits, past = rt.forward(np.array([[tok]]), mask, positions_from_mask(mask, 1), past)
-        np.testing.assert_allclose(logits[0, -1], out.logits[0, -1].numpy(), atol=TOL, rtol=0)
+        logits = rt.decode([tok], [8 + step])
+        np.testing.assert_allclose(logits[0], out.logits[0, -1].numpy(), atol=TOL, rtol=0)
 
 
 def test_padded_batch_matches_transformers(pair: tuple) -> None:
+    """transformers runs two prompts left-padded with a mask; kolite runs them in two slots."""
     hf, rt = pair
     ids = np.array([[0, 0, 0, 9, 10, 11], [1, 2, 3, 4, 5, 6]])
     mask = np.array([[0, 0, 0, 1, 1, 1], [1, 1, 1, 1, 1, 1]])
-    pos = positions_from_mask(mask, 6)
+    pos = np.clip(np.cumsum(mask, axis=1) - 1, 0, None)
+    nxt = np.array([[70], [71]])
     with torch.no_grad():
-        ref = hf(torch.from_numpy(ids), attention_mask=torch.from_numpy(mask),
-                 position_ids=torch.from_numpy(pos)).logits.numpy()
-    logits, _ = rt.forward(ids, mask, pos, rt.empty_cache(2))
-    np.testing.assert_allclose(logits[0, 3:], ref[0, 3:], atol=TOL, rtol=0)  # pad rows differ by design
-    np.testing.assert_allclose(logits[1], ref[1], atol=TOL, rtol=0)
+        out = hf(torch.from_numpy(ids), attention_mask=torch.from_numpy(mask), position_ids=torch.from_numpy(pos),
+                 use_cache=True)
+        step = hf(torch.from_numpy(nxt), past_key_values=out.past_key_values,
+                  attention_mask=torch.from_numpy(np.concatenate([mask, [[1], [1]]], axis=1)),
+                  position_ids=torch.from_numpy(pos[:, -1:] + 1), use_cache=True)
+    np.testing.assert_allclose(rt.prefill(0, [9, 10, 11]), out.logits[0, 3:].numpy(), atol=TOL, rtol=0)
+    np.testing.assert_allclose(rt.prefill(1, [1, 2, 3, 4, 5, 6]), out.logits[1].numpy(), atol=TOL, rtol=0)
+    logits = rt.decode([70, 71], [3, 6])
+    np.testing.assert_allclose(logits, step.logits[:, -1].numpy(), atol=TOL, rtol=0)
 
 
 def test_greedy_continuation_equals_transformers_generate(pair: tuple) -> None:
@@ -70,16 +73,12 @@ def test_greedy_continuation_equals_transformers_generate(pair: tuple) -> None:
         gen = hf.generate(torch.tensor([prompt]), max_new_tokens=40, do_sample=False,
                           eos_token_id=None, pad_token_id=0, min_new_tokens=40)
     expected = gen[0, len(prompt):].tolist()
-    ids = np.array([prompt])
-    mask = np.ones_like(ids)
-    past = rt.empty_cache(1)
+    logits = rt.prefill(0, prompt)[-1]
     got: list[int] = []
     for _ in range(40):
-        logits, past = rt.forward(ids, mask, positions_from_mask(mask, ids.shape[1]), past)
-        tok = int(np.argmax(logits[0, -1]))
+        tok = int(np.argmax(logits))
         got.append(tok)
-        ids = np.array([[tok]])
-        mask = np.ones((1, mask.shape[1] + 1), np.int64)
+        logits = rt.decode([tok], [len(prompt) + len(got) - 1])[0]
     assert got == expected
 
 

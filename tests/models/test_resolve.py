@@ -26,7 +26,7 @@ from kolite.models.resolve import (
 from kolite.models.synthetic import random_state_dict, write_checkpoint
 from kolite.models.weights import gpt2_weights, load_state_dict
 
-CFG = GPT2Config(vocab_size=64, n_positions=16, n_embd=8, n_layer=2, n_head=2, eos_token_id=1)
+CFG = GPT2Config(vocab_size=64, n_positions=16, n_embd=16, n_layer=2, n_head=2, eos_token_id=1)
 REPO = "skt/kogpt2-base-v2"
 MAIN = "a" * 40  # commit hashes: 40 hex digits, as huggingface_hub expects
 OTHER = "b" * 40

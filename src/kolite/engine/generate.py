@@ -9,8 +9,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 
-import numpy as np
-
 from kolite.engine.runtime import GPT2Runtime
 from kolite.engine.sequence import Finish, Sequence, TokenEvent
 
@@ -18,22 +16,19 @@ from kolite.engine.sequence import Finish, Sequence, TokenEvent
 def run_sequence(
     runtime: GPT2Runtime, seq: Sequence, should_stop: Callable[[], bool] | None = None
 ) -> Iterator[TokenEvent | Finish]:
-    """Drive `seq` to its end on `runtime`, one token per step."""
-    ids = np.asarray([seq.prompt_ids], dtype=np.int64)
-    mask = np.ones_like(ids)
-    positions = np.arange(ids.shape[1], dtype=np.int64)[None, :]
-    past = runtime.empty_cache(1)
-    while not seq.finished:
+    """Drive `seq` to its end on `runtime` in cache slot 0, one token per step."""
+    logits = runtime.prefill(0, seq.prompt_ids)[-1]
+    length = len(seq.prompt_ids)
+    while True:
+        token = seq.next_token(logits)
+        yield seq.accept(token)
+        if seq.finished:
+            break
         if should_stop is not None and should_stop():
             seq.cancel()
             break
-        logits, past = runtime.forward(ids, mask, positions, past)
-        token = seq.next_token(logits[0, -1])
-        yield seq.accept(token)
-        total = mask.shape[1]
-        ids = np.array([[token]], dtype=np.int64)
-        mask = np.ones((1, total + 1), dtype=np.int64)
-        positions = np.array([[total]], dtype=np.int64)
+        logits = runtime.decode([token], [length])[0]
+        length += 1
     yield seq.result()
 
 

@@ -1,14 +1,18 @@
 """Build a GPT-2 ONNX graph with a KV cache straight from numpy weights (no torch, no exporter).
 
-Writing the graph by hand keeps conversion torch-free and lets us choose its shape for serving:
-- inputs `input_ids`, `attention_mask`, `position_ids` and `past_key_i`/`past_value_i`, so prompts of
-  different lengths share a batch (left padding, positions from the mask) and decoding reuses the cache;
-- outputs `logits` and `present_key_i`/`present_value_i` (past and new keys, the next step's past);
+Writing the graph by hand keeps conversion torch-free and lets us shape it for serving:
+- attention is onnxruntime's fused `GroupQueryAttention` (com.microsoft). Each row of the batch has
+  its own length (`seqlens_k`), so requests of different lengths share a batch without padding, and
+  the runtime binds `past_*` and `present_*` to the same preallocated buffers: the cache is updated
+  in place instead of being copied at every step;
+- inputs `input_ids`, `position_ids`, `seqlens_k` (per row: tokens in the cache after this step,
+  minus one), `total_sequence_length`, and `past_key_i`/`past_value_i` ([batch, heads, capacity,
+  head_dim]); outputs `logits` and `present_key_i`/`present_value_i` (the same buffers when bound so);
 - the attention scale is folded into the query weights, and `logits` covers only the last position
   unless `all_logits` is asked for: generation never needs the others, and the lm_head is the largest
-  MatMul of a prefill (51200 x 768 for KoGPT2).
-The lm_head is a separate transposed copy of the token embedding (tied weights), a MatMul that
-onnxruntime's dynamic quantizer turns into int8.
+  MatMul of a prefill (51200 x 768 for KoGPT2);
+- with `int8`, every weight MatMul (lm_head included) becomes an int8 MatMulInteger with weights
+  quantized per column and activations per token (see `_int8_matmul`).
 """
 
 from __future__ import annotations
@@ -23,12 +27,12 @@ from onnx import TensorProto, helper, numpy_helper
 from kolite.models.gpt2config import GPT2Config
 
 OPSET = 17
-MASK_VALUE = -1e9  # added to scores of masked positions: exp() underflows to exactly 0 in float32
+MS_DOMAIN = "com.microsoft"
 
 
 def input_names(n_layer: int) -> list[str]:
     """Graph input names in the order the runtime feeds them."""
-    names = ["input_ids", "attention_mask", "position_ids"]
+    names = ["input_ids", "position_ids", "seqlens_k", "total_sequence_length"]
     for i in range(n_layer):
         names += [f"past_key_{i}", f"past_value_{i}"]
     return names
@@ -118,27 +122,6 @@ def _int8_matmul(b: _Builder, x: str, w: np.ndarray, tag: str) -> str:
     return b.op("Mul", [scaled, b.const(f"{tag}.scale", w_scale)])
 
 
-def _attention_bias(b: _Builder) -> str:
-    """[batch, 1, seq, total] additive mask: padding from attention_mask, causality from Trilu.
-
-    Query i of this call sits at absolute column past+i, so it may see columns j <= i + (total - seq).
-    """
-    mask_f = b.op("Cast", ["attention_mask"], to=TensorProto.FLOAT)
-    one = b.const("mask_one", np.array(1.0, np.float32))
-    big = b.const("mask_big", np.array(MASK_VALUE, np.float32))
-    pad_bias = b.op("Mul", [b.op("Sub", [one, mask_f]), big])  # [B, T]
-    pad_bias = b.op("Unsqueeze", [pad_bias, b.const("axes_1_2", np.array([1, 2], np.int64))])  # [B,1,1,T]
-
-    seq = b.op("Shape", ["input_ids"], start=1, end=2)  # [1]
-    total = b.op("Shape", ["attention_mask"], start=1, end=2)  # [1]
-    ones = b.op("ConstantOfShape", [b.op("Concat", [seq, total], axis=0)],
-                value=numpy_helper.from_array(np.array([1.0], np.float32)))
-    offset = b.op("Squeeze", [b.op("Sub", [total, seq])])  # scalar past length
-    allowed = b.op("Trilu", [ones, offset], upper=0)  # [S, T], 1 where visible
-    causal_bias = b.op("Mul", [b.op("Sub", [one, allowed]), big])
-    return b.op("Add", [pad_bias, causal_bias], name="attn_bias")  # [B,1,S,T]
-
-
 def build_gpt2_graph(
     cfg: GPT2Config, weights: dict[str, np.ndarray], *, all_logits: bool = False, int8: bool = False
 ) -> onnx.ModelProto:
@@ -151,9 +134,6 @@ def build_gpt2_graph(
     wpe = b.const("wpe", w["transformer.wpe.weight"])
     tok_emb = b.op("Gather", [wte, "input_ids"], name="tok_emb")
     hidden = b.op("Add", [tok_emb, b.op("Gather", [wpe, "position_ids"], name="pos_emb")])
-    bias = _attention_bias(b)
-    heads_shape = b.const("heads_shape", np.array([0, 0, h, d], np.int64))
-    merge_shape = b.const("merge_shape", np.array([0, 0, e], np.int64))
     split_sizes = b.const("qkv_split", np.array([e, e, e], np.int64))
 
     for i in range(cfg.n_layer):
@@ -171,12 +151,13 @@ def build_gpt2_graph(
         qkv_b[:e] *= scale
         qkv = _linear(b, x, qkv_w, qkv_b, f"h{i}.attn.c_attn", int8)
         q, k, v = b.op("Split", [qkv, split_sizes], outputs=3, axis=-1)
-        q, k, v = (b.op("Transpose", [b.op("Reshape", [t, heads_shape])], perm=[0, 2, 1, 3]) for t in (q, k, v))
-        k_all = b.op("Concat", [f"past_key_{i}", k], name=f"present_key_{i}", axis=2)
-        v_all = b.op("Concat", [f"past_value_{i}", v], name=f"present_value_{i}", axis=2)
-        scores = b.op("MatMul", [q, b.op("Transpose", [k_all], perm=[0, 1, 3, 2])])
-        probs = b.op("Softmax", [b.op("Add", [scores, bias])], axis=-1)
-        ctx = b.op("Reshape", [b.op("Transpose", [b.op("MatMul", [probs, v_all])], perm=[0, 2, 1, 3]), merge_shape])
+        ctx = f"h{i}.attn.ctx"
+        b.nodes.append(helper.make_node(
+            "GroupQueryAttention",
+            [q, k, v, f"past_key_{i}", f"past_value_{i}", "seqlens_k", "total_sequence_length"],
+            [ctx, f"present_key_{i}", f"present_value_{i}"],
+            name=f"n_h{i}_attention", domain=MS_DOMAIN, num_heads=h, kv_num_heads=h, scale=1.0,
+        ))
         attn = _linear(b, ctx, w[p + "attn.c_proj.weight"], w[p + "attn.c_proj.bias"], f"h{i}.attn.c_proj", int8)
         hidden = b.op("Add", [hidden, attn])
 
@@ -198,11 +179,12 @@ def build_gpt2_graph(
     logits = _linear(b, hidden, np.ascontiguousarray(w["transformer.wte.weight"].T), None, "lm_head", int8)
     b.nodes.append(helper.make_node("Identity", [logits], ["logits"], name="n_logits"))
 
-    kv_shape = ["batch", h, "past_len", d]
+    kv_shape = ["batch", h, "capacity", d]
     inputs = [
         helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "seq"]),
-        helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch", "total"]),
         helper.make_tensor_value_info("position_ids", TensorProto.INT64, ["batch", "seq"]),
+        helper.make_tensor_value_info("seqlens_k", TensorProto.INT32, ["batch"]),
+        helper.make_tensor_value_info("total_sequence_length", TensorProto.INT32, []),
     ]
     outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT,
                                              ["batch", "seq" if all_logits else 1, cfg.vocab_size])]
@@ -210,8 +192,9 @@ def build_gpt2_graph(
         for kind in ("key", "value"):
             inputs.append(helper.make_tensor_value_info(f"past_{kind}_{i}", TensorProto.FLOAT, kv_shape))
             outputs.append(helper.make_tensor_value_info(f"present_{kind}_{i}", TensorProto.FLOAT,
-                                                         ["batch", h, "total", d]))
+                                                         kv_shape))
     graph = helper.make_graph(b.nodes, "kolite_gpt2", inputs, outputs, initializer=b.inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="kolite")
+    model = helper.make_model(graph, producer_name="kolite",
+                              opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(MS_DOMAIN, 1)])
     model.ir_version = 8  # readable by every onnxruntime that supports opset 17
     return model

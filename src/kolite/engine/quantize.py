@@ -10,6 +10,8 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+import onnx
+
 
 def _quiet_root(record: logging.LogRecord) -> bool:
     """The quantizer logs chatter (per-tensor notes, a pre-processing hint) straight to the root logger."""
@@ -30,7 +32,8 @@ def quantize_int8(fp32_path: Path, out_path: Path, *, per_channel: bool = True) 
             per_channel=per_channel,
             reduce_range=False,
             weight_type=QuantType.QInt8,
-            extra_options={"MatMulConstBOnly": True},
+            # shape inference cannot type GroupQueryAttention (a contrib op): its outputs are float
+            extra_options={"MatMulConstBOnly": True, "DefaultTensorType": onnx.TensorProto.FLOAT},
         )
     finally:
         root.removeFilter(_quiet_root)

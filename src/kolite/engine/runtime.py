@@ -1,22 +1,26 @@
-"""An ONNX Runtime session over kolite's GPT-2 graph: one forward step with a KV cache.
+"""An ONNX Runtime session over kolite's GPT-2 graph, with a KV cache that is never copied per step.
 
-The runtime knows tensors and ids only. It owns the session options that matter on a small board:
-intra-op threads equal to the cores we may use, one inter-op thread (the graph is a chain), and full
-graph optimisation so onnxruntime fuses layer norms, gelu and int8 MatMuls.
+The cache is one preallocated buffer per layer and kind, [slots, heads, capacity, head_dim]. A
+sequence owns a slot (a row); the runtime binds the buffers as both `past` and `present`, so
+`GroupQueryAttention` writes each new key and value in place. Decoding `n` sequences uses slots
+0..n-1, a contiguous view, so no batch is ever assembled by copying. Pages of the buffers become
+resident only when written (numpy's zeros are lazily mapped), so a large capacity costs nothing
+until it is used.
+
+Session options that matter on a small board: intra-op threads equal to the cores we may use, one
+inter-op thread (the graph is a chain), and full graph optimisation.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 
-from kolite.engine.graph import input_names, output_names
 from kolite.models.gpt2config import GPT2Config
-
-KVCache = list[np.ndarray]  # [key_0, value_0, key_1, value_1, ...], each [batch, heads, length, head_dim]
 
 
 @dataclass(frozen=True)
@@ -37,47 +41,85 @@ class RuntimeOptions:
 
 
 class GPT2Runtime:
-    """Runs prefill and decode steps of a kolite GPT-2 graph."""
+    """Prefill and decode steps of a kolite GPT-2 graph over slot-addressed, in-place KV buffers."""
 
-    def __init__(self, model_path: Path | str, cfg: GPT2Config, options: RuntimeOptions | None = None) -> None:
+    def __init__(self, model_path: Path | str, cfg: GPT2Config, options: RuntimeOptions | None = None,
+                 *, slots: int = 1, capacity: int | None = None) -> None:
         self.cfg = cfg
         self.options = options or RuntimeOptions()
         self.session = ort.InferenceSession(
             str(model_path), sess_options=self.options.session_options(), providers=["CPUExecutionProvider"]
         )
-        self._inputs = input_names(cfg.n_layer)
-        self._outputs = output_names(cfg.n_layer)
+        self.capacity = capacity or cfg.n_positions
+        self._kv_names = [f"{kind}_{i}" for i in range(cfg.n_layer) for kind in ("key", "value")]
+        self.slots = 0
+        self.ensure_slots(slots)
 
-    def empty_cache(self, batch: int) -> KVCache:
-        """A zero-length cache: the first call is a prefill over the whole prompt."""
-        shape = (batch, self.cfg.n_head, 0, self.cfg.head_dim)
-        return [np.zeros(shape, np.float32) for _ in range(2 * self.cfg.n_layer)]
+    def ensure_slots(self, slots: int) -> None:
+        """Have at least `slots` cache rows (call while no sequence is running: caches start empty)."""
+        if slots <= self.slots:
+            return
+        shape = (slots, self.cfg.n_head, self.capacity, self.cfg.head_dim)
+        self.cache = [np.zeros(shape, np.float32) for _ in range(2 * self.cfg.n_layer)]  # [key_0, value_0, ...]
+        self._logits = np.zeros((slots, 1, self.cfg.vocab_size), np.float32)
+        self._decode_bindings: dict[int, ort.IOBinding] = {}
+        self.slots = slots
 
-    def forward(
-        self,
-        input_ids: np.ndarray,
-        attention_mask: np.ndarray,
-        position_ids: np.ndarray,
-        past: KVCache,
-    ) -> tuple[np.ndarray, KVCache]:
-        """One step: logits [batch, 1 (or seq), vocab] and the grown cache.
+    # --- the two steps -----------------------------------------------------------------------
+    def prefill(self, slot: int, ids: Sequence[int]) -> np.ndarray:
+        """Run a prompt into `slot` (its cache starts empty). Returns logits [1, vocab] for the last
+        position, or [seq, vocab] when the graph was built with `all_logits`: `[-1]` is the next token's."""
+        n = len(ids)
+        if not 0 < n <= self.capacity:
+            raise ValueError(f"prompt of {n} tokens does not fit a slot of {self.capacity}")
+        io = self.session.io_binding()
+        self._bind_cache(io, slice(slot, slot + 1))
+        feeds = self._feeds(np.asarray([ids], np.int64), np.arange(n, dtype=np.int64)[None, :],
+                            np.array([n - 1], np.int32), n)
+        for name, value in feeds.items():
+            io.bind_cpu_input(name, value)
+        io.bind_output("logits")
+        self.session.run_with_iobinding(io)
+        return io.copy_outputs_to_cpu()[-1][0]
 
-        `attention_mask` covers past and new tokens ([batch, past + seq]), 0 on left padding.
+    def decode(self, tokens: Sequence[int], lengths: Sequence[int]) -> np.ndarray:
+        """One new token for each of slots 0..len(tokens)-1, whose caches hold `lengths` tokens.
+
+        Returns logits [rows, vocab]; a view into a buffer the next call overwrites.
         """
-        feed = {"input_ids": input_ids.astype(np.int64, copy=False),
-                "attention_mask": attention_mask.astype(np.int64, copy=False),
-                "position_ids": position_ids.astype(np.int64, copy=False)}
-        for name, value in zip(self._inputs[3:], past, strict=True):
-            feed[name] = value
-        out = self.session.run(self._outputs, feed)
-        return out[0], out[1:]
+        rows = len(tokens)
+        io = self._decode_bindings.get(rows)
+        if io is None:
+            io = self.session.io_binding()
+            self._bind_cache(io, slice(0, rows))
+            out = self._logits[:rows]
+            io.bind_output("logits", "cpu", 0, np.float32, list(out.shape), out.ctypes.data)
+            self._decode_bindings[rows] = io
+        lens = np.asarray(lengths, np.int64)
+        if lens.max(initial=0) >= self.capacity:
+            raise ValueError("a sequence is at the end of its slot")
+        feeds = self._feeds(np.asarray(tokens, np.int64)[:, None], lens[:, None], lens.astype(np.int32),
+                            int(lens.max()) + 1)
+        for name, value in feeds.items():
+            io.bind_cpu_input(name, value)
+        self.session.run_with_iobinding(io)
+        return self._logits[:rows, 0]
 
+    def move(self, src: int, dst: int, length: int) -> None:
+        """Copy a sequence's cache to another slot (the scheduler keeps active slots contiguous)."""
+        if src != dst:
+            for buf in self.cache:
+                buf[dst, :, :length] = buf[src, :, :length]
 
-def positions_from_mask(attention_mask: np.ndarray, seq: int) -> np.ndarray:
-    """Position ids of the last `seq` columns: count of real tokens before each, pads at 0.
+    # --- binding ------------------------------------------------------------------------------
+    def _bind_cache(self, io: ort.IOBinding, rows: slice) -> None:
+        for name, buf in zip(self._kv_names, self.cache, strict=True):
+            view = buf[rows]  # leading-axis slice of a C-contiguous array: contiguous, no copy
+            shape = list(view.shape)
+            io.bind_input(f"past_{name}", "cpu", 0, np.float32, shape, view.ctypes.data)
+            io.bind_output(f"present_{name}", "cpu", 0, np.float32, shape, view.ctypes.data)
 
-    Left padding shifts nothing: the first real token of every row gets position 0.
-    """
-    pos = np.cumsum(attention_mask, axis=1) - 1
-    pos = np.where(attention_mask == 0, 0, pos)
-    return pos[:, -seq:].astype(np.int64)
+    @staticmethod
+    def _feeds(ids: np.ndarray, positions: np.ndarray, seqlens_k: np.ndarray, total: int) -> dict[str, np.ndarray]:
+        return {"input_ids": ids, "position_ids": positions, "seqlens_k": seqlens_k,
+                "total_sequence_length": np.array(total, np.int32)}

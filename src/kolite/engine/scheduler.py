@@ -2,13 +2,13 @@
 
 Requests wait in a bounded queue. At every step the engine thread
 1. drops requests that were cancelled (their client went away) or ran past their deadline,
-2. admits waiting requests up to `max_batch`, prefills them together and merges their KV cache
-   into the running batch (rows are left-padded; the attention mask and position ids keep each
-   row's numbers its own),
-3. runs one decode step for every row and hands each row's token to its request.
-A finished row leaves at once and the cache is trimmed, so the freed slot is reused at the next
-step. Sampling is per request (its own seeded generator) and int8 activations are quantized per
-token, so a request gives the same tokens alone and in a full batch.
+2. admits waiting requests up to `max_batch`: each is prefilled into the next free cache slot,
+3. runs one decode step for every running row (each row has its own length; no padding) and hands
+   each row's token to its request.
+A finished row leaves at once: the last row's cache moves into its slot, so running rows always
+occupy slots 0..n-1 and the freed capacity serves the next request at the next step. Sampling is
+per request (its own seeded generator), attention is per row and int8 activations are quantized
+per token, so a request gives the same tokens alone and in a full batch.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from kolite.engine.runtime import GPT2Runtime, KVCache, positions_from_mask
+from kolite.engine.runtime import GPT2Runtime
 from kolite.engine.sequence import Finish, Sequence, TokenEvent
 from kolite.errors import Overloaded
 
@@ -57,20 +57,10 @@ class Request:
 
 @dataclass
 class _Batch:
-    """The running rows and their shared, left-padded cache."""
+    """The running rows: row i lives in cache slot i and holds lengths[i] tokens."""
 
     rows: list[Request] = field(default_factory=list)
-    past: KVCache = field(default_factory=list)
-    mask: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), np.int64))
-
-
-def _pad_left(arr: np.ndarray, width: int, axis: int) -> np.ndarray:
-    extra = width - arr.shape[axis]
-    if extra == 0:
-        return arr
-    pad = [(0, 0)] * arr.ndim
-    pad[axis] = (extra, 0)
-    return np.pad(arr, pad)
+    lengths: list[int] = field(default_factory=list)
 
 
 class Scheduler:
@@ -79,6 +69,7 @@ class Scheduler:
     def __init__(self, runtime: GPT2Runtime, options: SchedulerOptions | None = None) -> None:
         self.runtime = runtime
         self.options = options or SchedulerOptions()
+        runtime.ensure_slots(self.options.max_batch)
         self._waiting: collections.deque[Request] = collections.deque()
         self._cond = threading.Condition()
         self._batch = _Batch()
@@ -163,28 +154,24 @@ class Scheduler:
             return
         with self._cond:
             new = [self._waiting.popleft() for _ in range(min(free, len(self._waiting)))]
-        if not new:
-            return
         self._admitting = new  # so a failing prefill fails these too
-        prompts = [r.seq.prompt_ids for r in new]
-        width = max(map(len, prompts))
-        ids = np.array([[0] * (width - len(p)) + p for p in prompts], dtype=np.int64)
-        mask = np.array([[0] * (width - len(p)) + [1] * len(p) for p in prompts], dtype=np.int64)
-        logits, past = self.runtime.forward(ids, mask, positions_from_mask(mask, width),
-                                            self.runtime.empty_cache(len(new)))
-        keep = [i for i, r in enumerate(new) if self._emit(r, logits[i, -1])]
-        if keep:
-            self._merge([new[i] for i in keep], [p[keep] for p in past], mask[keep])
+        for req in new:
+            slot = len(self._batch.rows)
+            logits = self.runtime.prefill(slot, req.seq.prompt_ids)
+            if self._emit(req, logits[-1]):
+                self._batch.rows.append(req)
+                self._batch.lengths.append(len(req.seq.prompt_ids))
         self._admitting = []
 
     def _decode(self) -> None:
         b = self._batch
-        ids = np.array([[r.pending] for r in b.rows], dtype=np.int64)
-        mask = np.concatenate([b.mask, np.ones((len(b.rows), 1), np.int64)], axis=1)
-        logits, b.past = self.runtime.forward(ids, mask, positions_from_mask(mask, 1), b.past)
-        b.mask = mask
+        logits = self.runtime.decode([r.pending for r in b.rows], b.lengths)
         self.steps += 1
-        done = [i for i, r in enumerate(b.rows) if not self._emit(r, logits[i, -1])]
+        done = []
+        for i, req in enumerate(b.rows):
+            b.lengths[i] += 1
+            if not self._emit(req, logits[i]):
+                done.append(i)
         self._remove_rows(done)
 
     def _emit(self, req: Request, logits: np.ndarray) -> bool:
@@ -199,30 +186,16 @@ class Scheduler:
         req.pending = token
         return True
 
-    def _merge(self, rows: list[Request], past: KVCache, mask: np.ndarray) -> None:
-        b = self._batch
-        if not b.rows:
-            b.rows, b.past, b.mask = rows, past, mask
-            return
-        width = max(b.mask.shape[1], mask.shape[1])
-        b.past = [np.concatenate([_pad_left(old, width, 2), _pad_left(new, width, 2)], axis=0)
-                  for old, new in zip(b.past, past, strict=True)]
-        b.mask = np.concatenate([_pad_left(b.mask, width, 1), _pad_left(mask, width, 1)], axis=0)
-        b.rows = b.rows + rows
-
     def _remove_rows(self, indices: list[int]) -> None:
-        if not indices:
-            return
+        """Fill each freed slot with the last row, so running rows stay in slots 0..n-1."""
         b = self._batch
-        keep = [i for i in range(len(b.rows)) if i not in set(indices)]
-        b.rows = [b.rows[i] for i in keep]
-        if not keep:
-            b.past, b.mask = [], np.zeros((0, 0), np.int64)
-            return
-        b.mask = b.mask[keep]
-        start = int(np.argmax(b.mask.any(axis=0)))  # columns that are padding in every row go
-        b.mask = b.mask[:, start:]
-        b.past = [np.ascontiguousarray(p[keep, :, start:]) for p in b.past]
+        for i in sorted(indices, reverse=True):
+            last = len(b.rows) - 1
+            if i != last:
+                self.runtime.move(last, i, b.lengths[last])
+                b.rows[i], b.lengths[i] = b.rows[last], b.lengths[last]
+            b.rows.pop()
+            b.lengths.pop()
 
     def _finish(self, req: Request, reason: str) -> None:
         if req.done.is_set():

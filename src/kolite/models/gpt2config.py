@@ -63,6 +63,8 @@ class GPT2Config:
         cfg = cls(**fields)
         if cfg.n_embd % cfg.n_head:
             raise ModelFormatError(f"n_embd {cfg.n_embd} is not divisible by n_head {cfg.n_head}")
+        if cfg.head_dim % 8:  # onnxruntime's fused attention kernel works on 8-wide heads (GPT-2's are 64)
+            raise ModelFormatError(f"head size {cfg.head_dim} (n_embd / n_head) must be a multiple of 8")
         return cfg
 
     @classmethod
