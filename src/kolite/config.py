@@ -14,7 +14,7 @@ from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_MODEL = "skt/kogpt2-base-v2"
-Precision = Literal["int8", "fp32"]
+Precision = Literal["int8", "int4", "fp32"]
 Int8Scheme = Literal["per-token", "ort-dynamic"]
 
 
@@ -38,7 +38,8 @@ class ModelSettings(BaseSettings):
 
     model: str = Field(DEFAULT_MODEL, description="Hub id (e.g. skt/kogpt2-base-v2, distilgpt2) or a local folder.")
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit); default: main.")
-    precision: Precision = Field("int8", description="int8 (per-channel weights) or fp32.")
+    precision: Precision = Field(
+        "int8", description="int8 (per-channel weights), int4 (4-bit blocks, smaller and less exact) or fp32.")
     int8_scheme: Int8Scheme = Field(
         "per-token",
         description="int8 activations: per-token (each token its own scale: results never depend on batching) "

@@ -39,8 +39,10 @@ def test_precisions_are_separate_entries(folder: Path, tmp_path: Path) -> None:
     q = prepare_model(ModelSettings(model=str(folder), kolite_home=home, precision="int8"))
     o = prepare_model(ModelSettings(model=str(folder), kolite_home=home, precision="int8", int8_scheme="ort-dynamic"))
     f = prepare_model(ModelSettings(model=str(folder), kolite_home=home, precision="fp32"))
-    assert len({q.graph, o.graph, f.graph}) == 3
-    assert [p.graph.parent.name for p in (q, o, f)] == ["int8", "int8-ort-dynamic", "fp32"]
+    i4 = prepare_model(ModelSettings(model=str(folder), kolite_home=home, precision="int4"))
+    assert len({q.graph, o.graph, f.graph, i4.graph}) == 4
+    assert [p.graph.parent.name for p in (q, o, f, i4)] == ["int8", "int8-ort-dynamic", "fp32", "int4"]
+    assert i4.graph.stat().st_size < q.graph.stat().st_size
     assert q.manifest["int8_scheme"] == "per-token" and o.manifest["int8_scheme"] == "ort-dynamic"
     assert q.graph.stat().st_size < f.graph.stat().st_size and o.graph.stat().st_size < f.graph.stat().st_size
     assert all(not p.converted for p in (prepare_model(ModelSettings(model=str(folder), kolite_home=home)),))

@@ -11,14 +11,16 @@ Writing the graph by hand keeps conversion torch-free and lets us shape it for s
 - the attention scale is folded into the query weights, and `logits` covers only the last position
   unless `all_logits` is asked for: generation never needs the others, and the lm_head is the largest
   MatMul of a prefill (51200 x 768 for KoGPT2);
-- with `int8`, every weight MatMul (lm_head included) becomes an int8 MatMulInteger with weights
-  quantized per column and activations per token (see `_int8_matmul`).
+- with `quant="int8"`, every weight MatMul (lm_head included) becomes an int8 MatMulInteger with
+  weights quantized per column and activations per token (see `_int8_matmul`); with `"int4"`, an
+  onnxruntime MatMulNBits with 4-bit blocks (see `_int4_matmul`).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Literal
 
 import numpy as np
 import onnx
@@ -91,10 +93,42 @@ def _gelu(b: _Builder, x: str, activation: str, tag: str) -> str:
     return b.op("Mul", [b.op("Mul", [half, x]), b.op("Add", [one, inner])])
 
 
-def _linear(b: _Builder, x: str, w: np.ndarray, bias: np.ndarray | None, tag: str, int8: bool) -> str:
-    """x @ w (+ bias), w in transformers' Conv1D layout ([in, out]); int8 when asked."""
-    y = _int8_matmul(b, x, w, tag) if int8 else b.op("MatMul", [x, b.const(f"{tag}.weight", w)], name=f"{tag}_matmul")
+Weights = Literal["fp32", "int8", "int4"]
+INT4_BLOCK = 32  # weights per int4 scale: the block of llama.cpp's Q4_0
+
+
+def _linear(b: _Builder, x: str, w: np.ndarray, bias: np.ndarray | None, tag: str, weights: Weights) -> str:
+    """x @ w (+ bias), w in transformers' Conv1D layout ([in, out]), stored as `weights` asks."""
+    if weights == "int8":
+        y = _int8_matmul(b, x, w, tag)
+    elif weights == "int4":
+        y = _int4_matmul(b, x, w, tag)
+    else:
+        y = b.op("MatMul", [x, b.const(f"{tag}.weight", w)], name=f"{tag}_matmul")
     return y if bias is None else b.op("Add", [y, b.const(f"{tag}.bias", bias)])
+
+
+def _int4_matmul(b: _Builder, x: str, w: np.ndarray, tag: str) -> str:
+    """onnxruntime's 4-bit weight-only MatMul (MatMulNBits): symmetric int4 in blocks of 32 along K,
+    one float scale per block, as llama.cpp's Q4_0. `accuracy_level=4` lets the kernel quantize each
+    row of activations to int8 per block (fast integer dot products; a row's result does not depend
+    on the other rows)."""
+    from onnxruntime.capi._pybind_state import quantize_matmul_4bits
+
+    k, n = w.shape
+    blocks = -(-k // INT4_BLOCK)
+    padded = np.zeros((blocks * INT4_BLOCK, n), np.float32)
+    padded[:k] = w
+    packed = np.zeros((n, blocks, INT4_BLOCK // 2), np.uint8)
+    scales = np.zeros((n, blocks), np.float32)
+    zero_points = np.zeros((n, (blocks + 1) // 2), np.uint8)  # unused when symmetric
+    quantize_matmul_4bits(packed, padded, scales, zero_points, INT4_BLOCK, n, blocks * INT4_BLOCK, True)
+    out = f"{tag}_matmul"
+    b.nodes.append(helper.make_node(
+        "MatMulNBits", [x, b.const(f"{tag}.weight_q4", packed), b.const(f"{tag}.scales", scales)], [out],
+        name=f"n_{out}", domain=MS_DOMAIN, K=k, N=n, bits=4, block_size=INT4_BLOCK, accuracy_level=4,
+    ))
+    return out
 
 
 def quantize_columns(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -122,17 +156,28 @@ def _int8_matmul(b: _Builder, x: str, w: np.ndarray, tag: str) -> str:
     return b.op("Mul", [scaled, b.const(f"{tag}.scale", w_scale)])
 
 
+def _embedding(b: _Builder, wte: np.ndarray, quantized: bool) -> str:
+    """Token embeddings. Quantized graphs keep the table as int8 with one scale per row: a step reads
+    a single row, but the whole table (40 MB as int8 for KoGPT2, 157 MB as float32) stays resident."""
+    if not quantized:
+        return b.op("Gather", [b.const("wte", wte), "input_ids"], name="tok_emb")
+    q, scale = quantize_columns(wte.T)  # a row of wte is a column of wte.T
+    rows = b.op("Cast", [b.op("Gather", [b.const("wte_q", q.T), "input_ids"])], to=TensorProto.FLOAT)
+    scales = b.op("Gather", [b.const("wte_scale", scale[:, None]), "input_ids"])  # [batch, seq, 1]
+    return b.op("Mul", [rows, scales], name="tok_emb")
+
+
 def build_gpt2_graph(
-    cfg: GPT2Config, weights: dict[str, np.ndarray], *, all_logits: bool = False, int8: bool = False
+    cfg: GPT2Config, weights: dict[str, np.ndarray], *, all_logits: bool = False, quant: Weights = "fp32"
 ) -> onnx.ModelProto:
-    """The float32 GPT-2 graph for `cfg` with `weights` (canonical transformers key names)."""
+    """The GPT-2 graph for `cfg` with `weights` (canonical transformers key names); `quant` says how
+    the weight matrices are stored (the embeddings, norms and biases stay float32)."""
     b = _Builder()
     e, h, d = cfg.n_embd, cfg.n_head, cfg.head_dim
     w = {k: np.asarray(v, dtype=np.float32) for k, v in weights.items()}
 
-    wte = b.const("wte", w["transformer.wte.weight"])
+    tok_emb = _embedding(b, w["transformer.wte.weight"], quantized=quant != "fp32")
     wpe = b.const("wpe", w["transformer.wpe.weight"])
-    tok_emb = b.op("Gather", [wte, "input_ids"], name="tok_emb")
     hidden = b.op("Add", [tok_emb, b.op("Gather", [wpe, "position_ids"], name="pos_emb")])
     split_sizes = b.const("qkv_split", np.array([e, e, e], np.int64))
 
@@ -149,7 +194,7 @@ def build_gpt2_graph(
         qkv_b = w[p + "attn.c_attn.bias"].copy()
         qkv_w[:, :e] *= scale
         qkv_b[:e] *= scale
-        qkv = _linear(b, x, qkv_w, qkv_b, f"h{i}.attn.c_attn", int8)
+        qkv = _linear(b, x, qkv_w, qkv_b, f"h{i}.attn.c_attn", quant)
         q, k, v = b.op("Split", [qkv, split_sizes], outputs=3, axis=-1)
         ctx = f"h{i}.attn.ctx"
         b.nodes.append(helper.make_node(
@@ -158,15 +203,15 @@ def build_gpt2_graph(
             [ctx, f"present_key_{i}", f"present_value_{i}"],
             name=f"n_h{i}_attention", domain=MS_DOMAIN, num_heads=h, kv_num_heads=h, scale=1.0,
         ))
-        attn = _linear(b, ctx, w[p + "attn.c_proj.weight"], w[p + "attn.c_proj.bias"], f"h{i}.attn.c_proj", int8)
+        attn = _linear(b, ctx, w[p + "attn.c_proj.weight"], w[p + "attn.c_proj.bias"], f"h{i}.attn.c_proj", quant)
         hidden = b.op("Add", [hidden, attn])
 
         x = b.op("LayerNormalization", [hidden, b.const(p + "ln_2.weight", w[p + "ln_2.weight"]),
                                         b.const(p + "ln_2.bias", w[p + "ln_2.bias"])],
                  axis=-1, epsilon=cfg.layer_norm_epsilon)
-        m = _linear(b, x, w[p + "mlp.c_fc.weight"], w[p + "mlp.c_fc.bias"], f"h{i}.mlp.c_fc", int8)
+        m = _linear(b, x, w[p + "mlp.c_fc.weight"], w[p + "mlp.c_fc.bias"], f"h{i}.mlp.c_fc", quant)
         m = _gelu(b, m, cfg.activation_function, f"h{i}.gelu")
-        m = _linear(b, m, w[p + "mlp.c_proj.weight"], w[p + "mlp.c_proj.bias"], f"h{i}.mlp.c_proj", int8)
+        m = _linear(b, m, w[p + "mlp.c_proj.weight"], w[p + "mlp.c_proj.bias"], f"h{i}.mlp.c_proj", quant)
         hidden = b.op("Add", [hidden, m])
 
     hidden = b.op("LayerNormalization", [hidden, b.const("ln_f.weight", w["transformer.ln_f.weight"]),
@@ -176,7 +221,7 @@ def build_gpt2_graph(
         hidden = b.op("Slice", [hidden, b.const("last_start", np.array([-1], np.int64)),
                                 b.const("last_end", np.array([np.iinfo(np.int64).max], np.int64)),
                                 b.const("last_axis", np.array([1], np.int64))])
-    logits = _linear(b, hidden, np.ascontiguousarray(w["transformer.wte.weight"].T), None, "lm_head", int8)
+    logits = _linear(b, hidden, np.ascontiguousarray(w["transformer.wte.weight"].T), None, "lm_head", quant)
     b.nodes.append(helper.make_node("Identity", [logits], ["logits"], name="n_logits"))
 
     kv_shape = ["batch", h, "capacity", d]

@@ -4,8 +4,7 @@ The cache is one preallocated buffer per layer and kind, [slots, heads, capacity
 sequence owns a slot (a row); the runtime binds the buffers as both `past` and `present`, so
 `GroupQueryAttention` writes each new key and value in place. Decoding `n` sequences uses slots
 0..n-1, a contiguous view, so no batch is ever assembled by copying. Pages of the buffers become
-resident only when written (numpy's zeros are lazily mapped), so a large capacity costs nothing
-until it is used.
+resident only when written (see `lazy_zeros`), so a large capacity costs nothing until it is used.
 
 Session options that matter on a small board: intra-op threads equal to the cores we may use, one
 inter-op thread (the graph is a chain), and full graph optimisation.
@@ -13,6 +12,7 @@ inter-op thread (the graph is a chain), and full graph optimisation.
 
 from __future__ import annotations
 
+import mmap
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +21,21 @@ import numpy as np
 import onnxruntime as ort
 
 from kolite.models.gpt2config import GPT2Config
+
+
+def lazy_zeros(shape: tuple[int, ...]) -> np.ndarray:
+    """A float32 buffer whose pages become resident only when written, 4 KB at a time.
+
+    A sequence's cache rows are spread over every head's region of the buffer; with transparent
+    huge pages each first write would make a whole 2 MB page resident, so a 16-token request
+    would cost a full slot (75 MB for KoGPT2). Anonymous memory with MADV_NOHUGEPAGE avoids that.
+    """
+    size = int(np.prod(shape)) * 4
+    if size == 0 or not hasattr(mmap, "MADV_NOHUGEPAGE"):
+        return np.zeros(shape, np.float32)
+    mem = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    mem.madvise(mmap.MADV_NOHUGEPAGE)
+    return np.frombuffer(mem, np.float32).reshape(shape)
 
 
 @dataclass(frozen=True)
@@ -60,7 +75,7 @@ class GPT2Runtime:
         if slots <= self.slots:
             return
         shape = (slots, self.cfg.n_head, self.capacity, self.cfg.head_dim)
-        self.cache = [np.zeros(shape, np.float32) for _ in range(2 * self.cfg.n_layer)]  # [key_0, value_0, ...]
+        self.cache = [lazy_zeros(shape) for _ in range(2 * self.cfg.n_layer)]  # [key_0, value_0, ...]
         self._logits = np.zeros((slots, 1, self.cfg.vocab_size), np.float32)
         self._decode_bindings: dict[int, ort.IOBinding] = {}
         self.slots = slots
@@ -73,14 +88,23 @@ class GPT2Runtime:
         if not 0 < n <= self.capacity:
             raise ValueError(f"prompt of {n} tokens does not fit a slot of {self.capacity}")
         io = self.session.io_binding()
-        self._bind_cache(io, slice(slot, slot + 1))
+        empty = np.zeros((1, self.cfg.n_head, 0, self.cfg.head_dim), np.float32)
+        for name in self._kv_names:
+            io.bind_cpu_input(f"past_{name}", empty)
         feeds = self._feeds(np.asarray([ids], np.int64), np.arange(n, dtype=np.int64)[None, :],
                             np.array([n - 1], np.int32), n)
         for name, value in feeds.items():
             io.bind_cpu_input(name, value)
         io.bind_output("logits")
+        for name in self._kv_names:
+            io.bind_output(f"present_{name}")
         self.session.run_with_iobinding(io)
-        return io.copy_outputs_to_cpu()[-1][0]
+        logits, *present = io.copy_outputs_to_cpu()
+        # Copy the prompt's keys and values into the slot: writing the shared buffer from the prompt
+        # step itself would make onnxruntime touch the whole slot (capacity x layers) at once.
+        for buf, new in zip(self.cache, present, strict=True):
+            buf[slot, :, :n] = new[0, :, :n]
+        return logits[0]
 
     def decode(self, tokens: Sequence[int], lengths: Sequence[int]) -> np.ndarray:
         """One new token for each of slots 0..len(tokens)-1, whose caches hold `lengths` tokens.

@@ -59,9 +59,9 @@ def build_graph_files(files: ModelFiles, cfg: GPT2Config, precision: str, out_di
                       *, scheme: str = "per-token", progress: Progress | None = None) -> Path:
     """Convert the checkpoint in `files` to `out_dir/model.onnx`; returns that path.
 
-    int8 "per-token" is built straight into the graph (int8 weights per column, activations
-    quantized per token at run time); "ort-dynamic" builds fp32 and runs onnxruntime's
-    `quantize_dynamic` (per-channel) over it.
+    int8 "per-token" and int4 are built straight into the graph (int8 weights per column with
+    activations quantized per token at run time; int4 blocks for onnxruntime's MatMulNBits);
+    int8 "ort-dynamic" builds fp32 and runs onnxruntime's `quantize_dynamic` (per-channel) over it.
     """
     from kolite.engine.graph import build_gpt2_graph
     from kolite.engine.quantize import quantize_int8
@@ -70,13 +70,16 @@ def build_graph_files(files: ModelFiles, cfg: GPT2Config, precision: str, out_di
     say(f"reading weights {files.weights.name}")
     weights = gpt2_weights(load_state_dict(files.weights), cfg)
     say(f"building GPT-2 graph ({cfg.n_layer} layers, {cfg.n_embd} wide, vocab {cfg.vocab_size})")
-    per_token = precision == "int8" and scheme == "per-token"
-    if per_token:
+    ort_dynamic = precision == "int8" and scheme == "ort-dynamic"
+    quant = "fp32" if ort_dynamic else precision
+    if quant == "int8":
         say("quantizing weights to int8 (per column; activations per token at run time)")
-    model = build_gpt2_graph(cfg, weights, int8=per_token)
+    elif quant == "int4":
+        say("quantizing weights to int4 (blocks of 32, as llama.cpp's Q4_0)")
+    model = build_gpt2_graph(cfg, weights, quant=quant)
     del weights
     target = out_dir / GRAPH
-    fp32_path = out_dir / "model.fp32.onnx" if precision == "int8" and not per_token else target
+    fp32_path = out_dir / "model.fp32.onnx" if ort_dynamic else target
     onnx.save_model(model, str(fp32_path))
     del model
     gc.collect()
