@@ -170,7 +170,7 @@ class EventStream:
             if event.reason == "error":
                 raise GenerationFailed("generation failed in the engine")
             if event.reason == "timeout":
-                raise RequestTimeout(f"the request ran past its time limit of {self._timeout:.0f}s")
+                raise RequestTimeout(f"the request ran past its time limit of {self._timeout:g}s")
             self.finish = event
         return event
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -33,7 +34,7 @@ def create_app(
         try:
             yield
         finally:
-            svc.shutdown()
+            await asyncio.to_thread(svc.shutdown)  # joins the engine thread: not on the event loop
 
     app = FastAPI(title="kolite", version=__version__, lifespan=lifespan,
                   description="Korean-first GPT-2 text generation (KoGPT2) on an int8 ONNX Runtime engine.")

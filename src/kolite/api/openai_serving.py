@@ -55,7 +55,7 @@ def error_payload(exc: Exception) -> str:
         message = str(exc)
     else:
         status, type_, message = 500, "server_error", "internal server error"
-    return json.dumps({"error": {"message": message, "type": type_, "param": None, "code": status}},
+    return json.dumps({"error": {"message": message, "type": type_, "param": None, "code": str(status)}},
                       ensure_ascii=False)
 
 
@@ -107,7 +107,7 @@ class OpenAIServing:
                 raise InvalidRequest("prompt token ids out of the vocabulary", param="prompt")
             text = model.tokenizer.decode(ids)
         else:
-            text = prompt[0] if isinstance(prompt, list) else prompt
+            text = (prompt[0] if prompt else "") if isinstance(prompt, list) else prompt
             if not isinstance(text, str) or not text:
                 raise InvalidRequest("prompt must not be empty", param="prompt")
             ids = model.tokenizer.encode(text)

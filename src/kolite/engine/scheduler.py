@@ -121,7 +121,11 @@ class Scheduler:
             except Exception:  # a broken step must not kill the engine: fail its requests, go on
                 log.exception("engine step failed")
                 self._fail_all()
-        for req in [*self._batch.rows, *self._waiting]:
+        with self._cond:
+            leftover = [*self._batch.rows, *self._waiting]
+            self._batch = _Batch()
+            self._waiting.clear()
+        for req in leftover:
             self._finish(req, "cancelled")
 
     def _step(self) -> None:
