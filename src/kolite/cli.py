@@ -68,6 +68,22 @@ def build_parser() -> argparse.ArgumentParser:
     pull = sub.add_parser("pull", help="download and convert a model, then exit")
     pull.add_argument("model_name", nargs="?", metavar="MODEL", help="hub id or local folder")
     add_settings_flags(pull, ModelSettings, skip=("threads",))
+
+    from kolite.bench import RANDOM_SHAPES
+
+    bench = sub.add_parser("bench", help="measure this machine with the model: decode speed, time to first token, "
+                           "batching, memory, bandwidth")
+    add_settings_flags(bench, ModelSettings)
+    opts = bench.add_argument_group("bench")
+    opts.add_argument("--random-weights", choices=sorted(RANDOM_SHAPES), default=None, metavar="SHAPE",
+                      help=f"bench a random-weight checkpoint of this exact shape ({', '.join(sorted(RANDOM_SHAPES))}),"
+                      " written once into the kolite home: no download, works offline (instead of --model)")
+    opts.add_argument("--new-tokens", type=int, default=None,
+                      help="new tokens per request for decode and batching runs (default 128; 32 with --quick)")
+    opts.add_argument("--quick", action="store_true", help="one repeat and shorter runs: a first look in less time")
+    opts.add_argument("--json", type=Path, default=None, metavar="PATH", help="also write every result here")
+    opts.add_argument("--plot", type=Path, default=None, metavar="PATH.png",
+                      help="draw tokens/s against concurrency and against context length (needs matplotlib)")
     return parser
 
 
@@ -99,10 +115,22 @@ def cmd_pull(ns: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(ns: argparse.Namespace) -> int:
+    from kolite.bench import run_command
+
+    if ns.random_weights and ns.model is not None:
+        print("kolite: error: give either --model or --random-weights, not both", file=sys.stderr)
+        return 2
+    settings = settings_from(ns, ModelSettings)
+    assert isinstance(settings, ModelSettings)
+    return run_command(settings, random_weights=ns.random_weights, new_tokens=ns.new_tokens, quick=ns.quick,
+                       json_path=ns.json, plot_path=ns.plot)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     ns = build_parser().parse_args(argv)
     try:
-        return {"serve": cmd_serve, "pull": cmd_pull}[ns.command](ns)
+        return {"serve": cmd_serve, "pull": cmd_pull, "bench": cmd_bench}[ns.command](ns)
     except KoliteError as exc:
         print(f"kolite: error: {exc}", file=sys.stderr)
         return 2

@@ -26,7 +26,7 @@ from kolite.models.weights import gpt2_weights, load_state_dict
 log = logging.getLogger(__name__)
 
 # Bump when the graph builder changes what it emits: every cached graph is rebuilt.
-GRAPH_VERSION = 1
+GRAPH_VERSION = 2
 
 Progress = Callable[[str], None]
 
