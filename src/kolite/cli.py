@@ -1,4 +1,4 @@
-"""`kolite serve | pull`: flags are generated from the settings classes, so a flag and its
+"""`kolite serve | pull | bench`: flags are generated from the settings classes, so a flag and its
 `KOLITE_*` environment variable can never drift apart (a flag given wins over the variable)."""
 
 from __future__ import annotations
