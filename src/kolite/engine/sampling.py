@@ -46,6 +46,9 @@ class Sampler:
     def __call__(self, logits: np.ndarray, seen: Iterable[int] = (), generated: Sequence[int] = ()) -> int:
         """`seen`: prompt and output ids (repetition penalty); `generated`: output ids only (OpenAI penalties)."""
         p = self.params
+        penalised = p.repetition_penalty != 1.0 or ((p.presence_penalty or p.frequency_penalty) and len(generated))
+        if p.greedy and not penalised:
+            return int(np.argmax(logits))  # the common case, without copying the vocabulary's logits
         scores = logits.astype(np.float64, copy=True)
         if (p.presence_penalty or p.frequency_penalty) and len(generated):
             ids, counts = np.unique(np.asarray(generated, dtype=np.int64), return_counts=True)
