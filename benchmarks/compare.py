@@ -7,12 +7,16 @@ For each model shape (`--models kogpt2,distilgpt2`; random weights, KoGPT2's exa
    names, transposes and keys as llama.cpp's `convert_hf_to_gguf.py` writes GPT-2; a `gpt2` tokenizer
    section built from the checkpoint's `tokenizer.json`), then Q8_0 and Q4_0 with llama.cpp's own
    quantizer (`llama_model_quantize`, the library call behind `llama-quantize`);
-2. checks correctness before timing anything: llama.cpp F32 against kolite fp32 on the same ids
-   (max abs diff of the first step's logits and after a 512-token prompt; top-1 agreement over a
-   64-token greedy run, teacher-forced and free-running). If they disagree, nothing is timed;
+2. checks correctness before timing anything: llama.cpp F32 (F32 KV cache, flash attention off:
+   its most exact path) against kolite fp32 on the same ids: max abs diff of the logits at every
+   step of a 64-token greedy run (teacher-forced with kolite's tokens) and after a 512-token prompt,
+   top-1 agreement, and both against an independent float64 numpy forward. If they disagree
+   (`--tolerance`), nothing is timed. The default llama.cpp context and Q8_0/Q4_0 are reported too;
 3. times each engine in its own fresh subprocess (peak RSS = that process's `VmHWM`), batch 1:
    decode tok/s (128 new tokens after a 16-token prompt), TTFT for a 512-token prompt, decode tok/s
-   at ~900 tokens of context (64 new tokens after an 868-token prompt); the same thread count for all;
+   at ~900 tokens of context (64 new tokens after an 868-token prompt); the same thread count for all.
+   A fixed numpy workload runs before and after each engine; when it shows the shared host slowed
+   down, the engine is run again (`--retries`);
 4. times batched decoding: 8 sequences decoding together, one token each per step (kolite: slots
    0..7 of its runtime; llama.cpp: one `llama_batch` with 8 seq_ids, as llama-batched-bench does);
 5. reports greedy agreement with kolite fp32 (leading run of equal tokens of a 64-token greedy
@@ -524,6 +528,7 @@ class LlamaEngine:
         lengths = [len(p) for p in prompts]
         out = [[t] for t in toks]
         prefilled = time.perf_counter()
+        self.perf_reset()  # so llama_perf then holds the decode steps only
         for _ in range(n - 1):
             self._fill(toks, lengths, list(range(rows)), [1] * rows)
             self._decode()
@@ -821,8 +826,14 @@ def worker_batched(spec: dict) -> dict:
     engine.batched(prompts, 8)  # warm-up
     agg, agg_total, prefill = [], [], []
     ids: list[list[int]] = []
+    perf = None
     for r in range(reps):
         run = engine.batched(prompts, n)
+        if isinstance(engine, LlamaEngine) and r == 0:
+            # llama_perf counts multi-token batches as "prompt eval"; batched() resets it after the prefill
+            perf = engine.perf()
+            perf["wall_ms_per_decode_step"] = round(1000 * (run["end"] - run["prefilled"]) / (n - 1), 3)
+            perf["llama_ms_per_decode_step"] = round(perf["t_p_eval_ms"] / (n - 1), 3)
         if any(len(row) != n for row in run["ids"]):
             raise RuntimeError("a row produced the wrong number of tokens")
         agg.append(rows * (n - 1) / (run["end"] - run["prefilled"]))
@@ -835,6 +846,7 @@ def worker_batched(spec: dict) -> dict:
               "aggregate_with_prefill_tok_s": core._summary(agg_total), "prefill_all_rows_s": core._summary(prefill),
               "generated_ids": ids, **engine.info(), "memory_end": core._memory()}
     if isinstance(engine, LlamaEngine):
+        result["llama_perf_first_repeat"] = perf
         result["llama_log"] = _llama_log_lines(("flash_attn", "n_ctx", "n_seq_max", "kv_unified"))
     return result
 
@@ -846,7 +858,9 @@ WORKERS = {"prepare": worker_prepare, "int4_probe": worker_int4_probe, "convert"
 def worker_main(argv: list[str]) -> int:
     kind, spec_path, out_path = argv
     spec = json.loads(Path(spec_path).read_text(encoding="utf-8"))
+    sha = core.kolite_source()["sha256"]  # kolite is edited while benchmarks run: record what this process ran
     result = WORKERS[kind](spec)
+    result["kolite_sha"] = sha
     peak = core._memory()
     result["memory_peak"] = {k: peak[k] for k in ("vmhwm_mb", "ru_maxrss_mb")}
     result["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]
@@ -920,6 +934,10 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--repeats", type=int, default=None, help="timed repeats per engine; medians reported (3)")
     ap.add_argument("--tolerance", type=float, default=5e-3,
                     help="max |logit difference| allowed between llama.cpp F32 (F32 KV) and kolite fp32")
+    ap.add_argument("--retries", type=int, default=2,
+                    help="re-runs of an engine whose machine probes show a slowed-down host (default 2)")
+    ap.add_argument("--contention", type=float, default=0.7,
+                    help="a probe below this fraction of the run's best probe counts as contention (0.7)")
     ap.add_argument("--check-only", action="store_true", help="write the GGUFs and run the correctness check only")
     ap.add_argument("--json", type=Path, default=None,
                     help="also write the results here (always written to benchmarks/out/compare[-quick].json)")
@@ -941,15 +959,16 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-COLUMNS: list[tuple[str, str, str, bool]] = [
-    # (header, key, format, higher is better)
-    ("decode tok/s, 16-token prompt", "decode_tok_s.median", "{:.1f}", True),
-    ("TTFT {ttft}-token prompt (s)", "ttft_s.median", "{:.3f}", False),
-    ("decode tok/s at {long}..{long_end} ctx", "decode_long_tok_s.median", "{:.1f}", True),
-    ("batch-{b} aggregate decode tok/s", "batched.aggregate_decode_tok_s.median", "{:.1f}", True),
-    ("peak RSS (MB)", "memory_peak.vmhwm_mb", "{:.0f}", False),
-    ("model file (MB)", "file_mb", "{:.0f}", False),
+COLUMNS: list[tuple[str, str, str, str]] = [
+    # (header, short header for the ratio table, key path, format)
+    ("decode tok/s, {short}-token prompt", "decode", "decode_tok_s.median", "{:.1f}"),
+    ("TTFT, {ttft}-token prompt (s)", "TTFT", "ttft_s.median", "{:.3f}"),
+    ("decode tok/s at {long}..{long_end} ctx", "decode@{long}", "decode_long_tok_s.median", "{:.1f}"),
+    ("batch-{b} aggregate decode tok/s", "batch-{b}", "batched.aggregate_decode_tok_s.median", "{:.1f}"),
+    ("peak RSS (MB)", "RSS", "memory_peak.vmhwm_mb", "{:.0f}"),
+    ("model file (MB)", "file", "file_mb", "{:.0f}"),
 ]
+RATIO_REFS = {"llama-Q8_0": "Q8_0", "transformers": "HF"}
 
 
 def _get(d: Any, path: str) -> Any:
@@ -960,46 +979,42 @@ def _get(d: Any, path: str) -> Any:
     return d
 
 
-def _headers(lengths: dict, args: argparse.Namespace) -> list[str]:
-    return [h.format(ttft=lengths["ttft"], long=lengths["long"], long_end=lengths["long"] + lengths["long_new"],
-                     b=args.batch) for h, *_ in COLUMNS]
-
-
 def render_tables(mres: dict, args: argparse.Namespace) -> str:
-    lengths = mres["lengths"]
+    n = mres["lengths"]
+    fill = {"short": n["short"], "ttft": n["ttft"], "long": n["long"], "long_end": n["long"] + n["long_new"],
+            "b": args.batch}
     results = mres["results"]
     names = [e for e in ENGINES if e in results and "error" not in results[e]]
-    heads = _headers(lengths, args)
-    lines = ["| engine | " + " | ".join(heads) + f" | greedy = fp32 (of {mres['agree_tokens']}) |",
-             "|---|" + "---:|" * (len(heads) + 1)]
+    lines = ["| engine | " + " | ".join(h.format(**fill) for h, *_ in COLUMNS)
+             + f" | greedy = fp32 (of {mres['agree_tokens']}) |", "|---|" + "---:|" * (len(COLUMNS) + 1)]
     for e in names:
         cells = []
-        for _h, key, fmt, _hi in COLUMNS:
+        for _h, _s, key, fmt in COLUMNS:
             v = _get(results[e], key)
             cells.append(fmt.format(v) if isinstance(v, int | float) else "-")
+        for i, (_h, _s, key, _f) in enumerate(COLUMNS):  # (c): still contended after the retries
+            if _get(results[e], "batched.contended" if key.startswith("batched") else "contended") and i < 4:
+                cells[i] += " (c)"
         agree = mres["greedy_agreement"].get(e)
-        cells.append("ref" if e == "kolite-fp32" else (f"{agree}" if agree is not None else "-"))
+        cells.append("ref" if e == "kolite-fp32" else (str(agree) if agree is not None else "-"))
         lines.append(f"| {e} | " + " | ".join(cells) + " |")
     for e, r in results.items():
         if "error" in r:
-            lines.append(f"| {e} | " + " | ".join(["n/a"] * len(heads)) + f" | {r['error']} |")
-    refs = [r for r in ("llama-Q8_0", "transformers") if r in names]
-    if not refs:
+            lines.append(f"| {e} | " + " | ".join(["n/a"] * len(COLUMNS)) + f" | {r['error']} |")
+    refs = [r for r in RATIO_REFS if r in names]
+    pairs = [(col, r) for col in COLUMNS for r in refs
+             if col[2] != "file_mb" and not (r == "transformers" and col[2].startswith("batched"))]
+    if not pairs:
         return "\n".join(lines)
-    short = {"llama-Q8_0": "Q8_0", "transformers": "HF"}
-    rh = [f"{h} vs {short[r]}" for (h, key, *_r) in zip(heads, COLUMNS, strict=True) for r in refs
-          if not (key[1] == "file_mb" or (r == "transformers" and key[1].startswith("batched")))]
-    lines += ["", "Ratios (engine / reference; tok/s: above 1 is faster, TTFT/RSS: below 1 is better):", "",
-              "| engine | " + " | ".join(rh) + " |", "|---|" + "---:|" * len(rh)]
+    lines += ["", "Ratios, engine / reference (tok/s: above 1 is faster; TTFT and RSS: below 1 is better):", "",
+              "| engine | " + " | ".join(f"{col[1].format(**fill)} vs {RATIO_REFS[r]}" for col, r in pairs) + " |",
+              "|---|" + "---:|" * len(pairs)]
     for e in names:
         cells = []
-        for _h, key, _fmt, _hi in COLUMNS:
-            for r in refs:
-                if key == "file_mb" or (r == "transformers" and key.startswith("batched")):
-                    continue
-                a, b = _get(results[e], key), _get(results[r], key)
-                cells.append(f"{a / b:.2f}x" if isinstance(a, int | float) and isinstance(b, int | float) and b
-                             else "-")
+        for col, r in pairs:
+            x, y = _get(results[e], col[2]), _get(results[r], col[2])
+            ok = isinstance(x, int | float) and isinstance(y, int | float) and y
+            cells.append(f"{x / y:.2f}x" if ok else "-")
         lines.append(f"| {e} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -1020,6 +1035,37 @@ def _check_summary(check: dict) -> list[str]:
                f"Q8_0 blocks equal to gguf-py's quantizer: {check['q8_0_blocks_equal_gguf_py']}; "
                f"{'PASSED' if check['passed'] else 'FAILED'} (tolerance {check['tolerance']:g})")
     return out
+
+
+_BEST_PROBE = {"gemm_gflops": 0.0, "gemv_gbps": 0.0}
+
+
+def _timed(args: argparse.Namespace, kind: str, spec: dict, scratch: Path, name: str) -> dict:
+    """Run a timing worker between two machine probes; when either probe shows the shared host slowed
+    down (below `--contention` of the best probe seen in this run), run it again (up to `--retries`)."""
+    discarded = []
+    for attempt in range(args.retries + 1):
+        before = _run_worker("probe", spec, scratch, f"probe-{name}")
+        result = _run_worker(kind, spec, scratch, name)
+        after = _run_worker("probe", spec, scratch, f"probe-{name}-after")
+        for p in (before, after):
+            for k in _BEST_PROBE:
+                _BEST_PROBE[k] = max(_BEST_PROBE[k], p[k])
+        slow = [f"{k} {p[k]} < {args.contention:.0%} of {_BEST_PROBE[k]}" for p in (before, after) for k in _BEST_PROBE
+                if p[k] < args.contention * _BEST_PROBE[k]]
+        result.update(probe_before=before, probe_after=after, contended=bool(slow), attempt=attempt + 1)
+        core._log(f"  probes: gemm {before['gemm_gflops']} -> {after['gemm_gflops']} GFLOP/s, gemv "
+                  f"{before['gemv_gbps']} -> {after['gemv_gbps']} GB/s" + (f"; CONTENDED ({'; '.join(slow)})"
+                                                                          if slow else ""))
+        if not slow:
+            break
+        discarded.append({k: result.get(k) for k in ("decode_tok_s", "ttft_s", "decode_long_tok_s",
+                                                     "aggregate_decode_tok_s", "probe_before", "probe_after")})
+        if attempt < args.retries:
+            core._log(f"  re-running {name} (attempt {attempt + 2}/{args.retries + 1})")
+            time.sleep(5)
+    result["discarded_contended_attempts"] = discarded
+    return result
 
 
 def run_model(model: str, args: argparse.Namespace, base: dict, scratch: Path, int4: bool) -> dict:
@@ -1069,12 +1115,9 @@ def run_model(model: str, args: argparse.Namespace, base: dict, scratch: Path, i
     for engine in engines:
         if engine in failed:
             continue
-        probe = _run_worker("probe", spec, scratch, f"probe-{model}-{engine}")
-        core._log(f"engine {engine} ({model}): fresh process, {args.threads} threads; machine probe gemm "
-                  f"{probe['gemm_gflops']} GFLOP/s, gemv {probe['gemv_gbps']} GB/s")
+        core._log(f"engine {engine} ({model}): fresh process, {args.threads} threads")
         try:
-            results[engine] = _run_worker("engine", {**spec, "engine": engine}, scratch, f"engine-{model}-{engine}")
-            results[engine]["probe_before"] = probe
+            results[engine] = _timed(args, "engine", {**spec, "engine": engine}, scratch, f"engine-{model}-{engine}")
         except RuntimeError as exc:
             core._log(f"  {exc}")
             results[engine] = {"error": str(exc)}
@@ -1083,8 +1126,8 @@ def run_model(model: str, args: argparse.Namespace, base: dict, scratch: Path, i
             continue
         core._log(f"batched {engine} ({model}): {args.batch} sequences x {args.new_tokens} tokens")
         try:
-            results[engine]["batched"] = _run_worker("batched", {**spec, "engine": engine}, scratch,
-                                                     f"batched-{model}-{engine}")
+            results[engine]["batched"] = _timed(args, "batched", {**spec, "engine": engine}, scratch,
+                                                f"batched-{model}-{engine}")
         except RuntimeError as exc:
             core._log(f"  {exc}")
             results[engine]["batched"] = {"error": str(exc)}
@@ -1174,6 +1217,22 @@ def main(argv: list[str] | None = None) -> int:
             print()
             print("greedy agreement with kolite fp32 (leading equal tokens): " + ", ".join(
                 f"{e} {n}/{mres['agree_tokens']}" for e, n in mres["greedy_agreement"].items()))
+            perf = {e: r["llama_perf_first_repeat"] for e, r in mres["results"].items()
+                    if "llama_perf_first_repeat" in r}
+            for e, r in mres["results"].items():
+                if (_get(r, "batched.llama_perf_first_repeat") or {}).get("llama_ms_per_decode_step") is not None:
+                    perf[f"{e} batch-{args.batch}"] = r["batched"]["llama_perf_first_repeat"]
+            if perf:
+                print("llama.cpp time per decode step, inside llama_decode (llama_perf) / wall clock incl. Python: "
+                      + ", ".join(f"{e} {p['llama_ms_per_decode_step']:.2f} / {p['wall_ms_per_decode_step']:.2f} ms"
+                                  for e, p in perf.items()))
+            shas = sorted({s for r in mres["results"].values()
+                           for s in (r.get("kolite_sha"), _get(r, "batched.kolite_sha")) if s}
+                          | {mres["check"].get("kolite_sha")} - {None})
+            print("kolite sources measured (hash per worker process): " + ", ".join(shas)
+                  + (" -- CHANGED during the run" if len(shas) > 1 else ""))
+            if any(r.get("contended") or _get(r, "batched.contended") for r in mres["results"].values()):
+                print("(c): the machine probes still showed a slowed-down host after the retries")
             print("batched row 0 equal to the batch-1 run (leading tokens): " + ", ".join(
                 f"{e} {n}/{mres['agree_tokens']}" for e, n in mres["batch_row0_equals_batch1"].items()))
         if "error" in mres:
