@@ -13,8 +13,10 @@ import pytest
 
 from kolite.config import ModelSettings
 from kolite.models.gpt2config import GPT2Config
+from kolite.models.profiles import profile_for
 from kolite.models.synthetic import write_checkpoint
 from kolite.service import LoadedModel, load_model
+from kolite.tokenizer import Tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURES = Path(os.environ.get("KOLITE_FIXTURES", REPO.parent / "shared" / "fixtures"))
@@ -58,6 +60,21 @@ def build_tiny_tokenizer(path: Path, vocab_size: int = TINY.vocab_size) -> Path:
     assert tok.get_vocab_size() <= vocab_size
     tok.save(str(path))
     return path
+
+
+@pytest.fixture(scope="session")
+def ko() -> Tokenizer:
+    """KoGPT2's real tokenizer with its profile (skips without the fixtures)."""
+    path = fixture_path("kogpt2-base-v2-tokenizer", "tokenizer.json")
+    return Tokenizer.from_files(path, profile_for("skt/kogpt2-base-v2", path))
+
+
+@pytest.fixture(scope="session")
+def gpt2() -> Tokenizer:
+    """GPT-2's real tokenizer with its profile (skips without the fixtures)."""
+    folder = fixture_path("gpt2-tokenizer")
+    profile = profile_for("gpt2", folder / "tokenizer.json", folder / "tokenizer_config.json")
+    return Tokenizer.from_files(folder / "tokenizer.json", profile)
 
 
 @pytest.fixture(scope="session")

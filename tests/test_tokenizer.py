@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import unicodedata
 from pathlib import Path
 
@@ -13,35 +12,12 @@ import pytest
 from kolite.errors import ModelFormatError
 from kolite.models.profiles import GPT2_PROFILE, profile_for
 from kolite.tokenizer import IncrementalDecoder, Tokenizer
-
-_DEFAULT_FIXTURES = Path(__file__).resolve().parents[1] / ".." / "shared" / "fixtures"
-FIXTURES = Path(os.environ.get("KOLITE_FIXTURES", _DEFAULT_FIXTURES))
-
-
-def fixture(*parts: str) -> Path:
-    """A real data fixture, or skip: the tests must run on a clone without ../shared/fixtures."""
-    path = FIXTURES.joinpath(*parts)
-    if not path.exists():
-        pytest.skip(f"real fixture {path} is absent (set KOLITE_FIXTURES to the shared fixtures dir)")
-    return path
-
-
-@pytest.fixture(scope="module")
-def ko() -> Tokenizer:
-    path = fixture("kogpt2-base-v2-tokenizer", "tokenizer.json")
-    return Tokenizer.from_files(path, profile_for("skt/kogpt2-base-v2", path))
-
-
-@pytest.fixture(scope="module")
-def gpt2() -> Tokenizer:
-    folder = fixture("gpt2-tokenizer")
-    profile = profile_for("gpt2", folder / "tokenizer.json", folder / "tokenizer_config.json")
-    return Tokenizer.from_files(folder / "tokenizer.json", profile)
+from tests.conftest import fixture_path
 
 
 @pytest.fixture(scope="module")
 def chatbot_rows() -> list[dict[str, str]]:
-    with fixture("chatbot-data", "ChatbotData.csv").open(encoding="utf-8", newline="") as fh:
+    with fixture_path("chatbot-data", "ChatbotData.csv").open(encoding="utf-8", newline="") as fh:
         return list(csv.DictReader(fh))
 
 
@@ -122,8 +98,8 @@ def test_nfd_hangul_encodes_like_nfc(ko: Tokenizer, gpt2: Tokenizer) -> None:
 
 
 def test_chatbot_tiny_ko_prompt_ids_and_answers() -> None:
-    facts = json.loads(fixture("chatbot-tiny-ko", "facts.json").read_text(encoding="utf-8"))
-    path = fixture("chatbot-tiny-ko", "tokenizer.json")
+    facts = json.loads(fixture_path("chatbot-tiny-ko", "facts.json").read_text(encoding="utf-8"))
+    path = fixture_path("chatbot-tiny-ko", "tokenizer.json")
     tok = Tokenizer.from_files(path, profile_for("chatbot-tiny-ko", path))
     assert tok.profile.name == "kogpt2"
     pairs = facts["greedy_exact_answers"]
@@ -165,7 +141,7 @@ def test_gpt2_ids(gpt2: Tokenizer) -> None:
 
 
 def test_gpt2_from_vocab_and_merges_matches_tokenizer_json(gpt2: Tokenizer) -> None:
-    folder = fixture("gpt2-tokenizer")
+    folder = fixture_path("gpt2-tokenizer")
     vocab, merges = folder / "vocab.json", folder / "merges.txt"
     old = Tokenizer.from_files(folder / "missing-tokenizer.json", GPT2_PROFILE, vocab=vocab, merges=merges)
     for text in ("Hello, my dog is cute", " The quick brown fox<|endoftext|>", HELLO_KO, "이모지 😤 와 ㅋㅋ"):

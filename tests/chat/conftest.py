@@ -20,19 +20,6 @@ CHATML = (
 
 
 @pytest.fixture(scope="session")
-def ko() -> Tokenizer:
-    path = fixture_path("kogpt2-base-v2-tokenizer", "tokenizer.json")
-    return Tokenizer.from_files(path, profile_for("skt/kogpt2-base-v2", path))
-
-
-@pytest.fixture(scope="session")
-def gpt2() -> Tokenizer:
-    folder = fixture_path("gpt2-tokenizer")
-    profile = profile_for("gpt2", folder / "tokenizer.json", folder / "tokenizer_config.json")
-    return Tokenizer.from_files(folder / "tokenizer.json", profile)
-
-
-@pytest.fixture(scope="session")
 def facts() -> list[dict]:
     return json.loads(fixture_path("chatbot-tiny-ko", "facts.json").read_text(encoding="utf-8"))[
         "greedy_exact_answers"

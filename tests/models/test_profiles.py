@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -14,17 +13,7 @@ from tokenizers import models, pre_tokenizers
 from kolite.errors import ModelFormatError
 from kolite.models.profiles import GPT2_PROFILE, KOGPT2_PROFILE, ModelProfile, profile_for
 from kolite.tokenizer import Tokenizer
-
-_DEFAULT_FIXTURES = Path(__file__).resolve().parents[2] / ".." / "shared" / "fixtures"
-FIXTURES = Path(os.environ.get("KOLITE_FIXTURES", _DEFAULT_FIXTURES))
-
-
-def fixture(*parts: str) -> Path:
-    """A real data fixture, or skip: the tests must run on a clone without ../shared/fixtures."""
-    path = FIXTURES.joinpath(*parts)
-    if not path.exists():
-        pytest.skip(f"real fixture {path} is absent (set KOLITE_FIXTURES to the shared fixtures dir)")
-    return path
+from tests.conftest import fixture_path
 
 
 def write_tokenizer(path: Path, words: list[str], specials: list[str]) -> Path:
@@ -46,7 +35,7 @@ def write_json(path: Path, data: dict) -> Path:
 
 
 def test_kogpt2_by_repo_name() -> None:
-    path = fixture("kogpt2-base-v2-tokenizer", "tokenizer.json")
+    path = fixture_path("kogpt2-base-v2-tokenizer", "tokenizer.json")
     profile = profile_for("skt/kogpt2-base-v2", path)
     assert profile == KOGPT2_PROFILE
     assert profile.name == "kogpt2"
@@ -59,7 +48,7 @@ def test_kogpt2_by_repo_name() -> None:
 
 def test_kogpt2_by_vocab_layout_for_chatbot_tiny_ko() -> None:
     """The fixture chat model reuses KoGPT2's tokenizer under another name: same profile."""
-    path = fixture("chatbot-tiny-ko", "tokenizer.json")
+    path = fixture_path("chatbot-tiny-ko", "tokenizer.json")
     assert profile_for("/models/chatbot-tiny-ko", path) == KOGPT2_PROFILE
 
 
@@ -101,7 +90,7 @@ def test_kogpt2_name_with_a_foreign_vocab_is_refused(tmp_path: Path) -> None:
 
 
 def test_gpt2_from_tokenizer_json_and_config() -> None:
-    folder = fixture("gpt2-tokenizer")
+    folder = fixture_path("gpt2-tokenizer")
     config = folder / "tokenizer_config.json"
     profile = profile_for("openai-community/gpt2", folder / "tokenizer.json", config)
     assert profile == GPT2_PROFILE
@@ -112,7 +101,7 @@ def test_gpt2_from_tokenizer_json_and_config() -> None:
 
 def test_gpt2_from_vocab_json_only() -> None:
     """Old GPT-2 repos (distilgpt2 era) have only vocab.json + merges.txt."""
-    assert profile_for("distilgpt2", fixture("gpt2-tokenizer", "vocab.json")) == GPT2_PROFILE
+    assert profile_for("distilgpt2", fixture_path("gpt2-tokenizer", "vocab.json")) == GPT2_PROFILE
 
 
 def test_explicit_config_eos_beats_the_gpt2_guess(tmp_path: Path) -> None:

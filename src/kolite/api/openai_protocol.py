@@ -14,7 +14,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, field_validator, model_serializer
 
-from kolite.api.protocol import Usage
+from kolite.api.protocol import Usage, check_stops, stop_tuple
 from kolite.errors import InvalidRequest
 
 
@@ -53,20 +53,10 @@ class SamplingFields(BaseModel):
     repetition_penalty: float = Field(1.0, gt=0.0, le=100.0)
     ignore_eos: bool = Field(False, description="Keep generating past end-of-text (for benchmarks).")
 
-    @field_validator("stop")
-    @classmethod
-    def _stops(cls, value: str | list[str] | None) -> str | list[str] | None:
-        items = [value] if isinstance(value, str) else (value or [])
-        if len(items) > 16:
-            raise ValueError("at most 16 stop strings")
-        if any(not s for s in items):
-            raise ValueError("stop strings must not be empty")
-        return value
+    _stops = field_validator("stop")(lambda v: check_stops(v))
 
     def stop_list(self) -> tuple[str, ...]:
-        if self.stop is None:
-            return ()
-        return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+        return stop_tuple(self.stop)
 
     def check_supported(self) -> None:
         """Refuse what kolite does not do, naming the field (HTTP 400)."""

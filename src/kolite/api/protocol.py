@@ -15,6 +15,25 @@ DEFAULT_NEW_TOKENS = 64
 LENGTH_LIMIT = 32768  # a sanity bound; the model's own context window is checked per request
 
 
+MAX_STOPS = 16
+
+
+def check_stops(value: str | list[str] | None) -> str | list[str] | None:
+    """Stop strings, as OpenAI takes them (one string or a list), checked the same way everywhere."""
+    items = [value] if isinstance(value, str) else (value or [])
+    if len(items) > MAX_STOPS:
+        raise ValueError(f"at most {MAX_STOPS} stop strings")
+    if any(not s for s in items):
+        raise ValueError("stop strings must not be empty")
+    return value
+
+
+def stop_tuple(value: str | list[str] | None) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    return (value,) if isinstance(value, str) else tuple(value)
+
+
 class GenerateRequest(BaseModel):
     prompt: str = Field(..., description="Text to continue (not written to the log).")
     max_length: int | None = Field(None, ge=1, le=LENGTH_LIMIT,
@@ -36,20 +55,10 @@ class GenerateRequest(BaseModel):
             raise ValueError("prompt must not be empty")
         return value
 
-    @field_validator("stop")
-    @classmethod
-    def _stop_list(cls, value: str | list[str] | None) -> str | list[str] | None:
-        items = [value] if isinstance(value, str) else (value or [])
-        if len(items) > 16:
-            raise ValueError("at most 16 stop strings")
-        if any(not s for s in items):
-            raise ValueError("stop strings must not be empty")
-        return value
+    _stops = field_validator("stop")(lambda v: check_stops(v))
 
     def stop_list(self) -> tuple[str, ...]:
-        if self.stop is None:
-            return ()
-        return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+        return stop_tuple(self.stop)
 
 
 class Usage(BaseModel):
