@@ -551,17 +551,19 @@ def worker_main(argv: list[str]) -> int:
 # orchestrator
 
 
-def _run_worker(kind: str, spec: dict, scratch: Path, extra_env: dict[str, str] | None = None) -> dict:
-    """Run one worker in a fresh interpreter; its result comes back through a JSON file."""
-    name = f"{kind}-{spec.get('precision', '')}".rstrip("-")
+def _run_worker(kind: str, spec: dict, scratch: Path, extra_env: dict[str, str] | None = None, *,
+                name: str | None = None, script: Path | None = None) -> dict:
+    """Run one worker of `script` (default: this file) in a fresh interpreter; its result comes back
+    through a JSON file. compare.py uses it for its own workers."""
+    name = name or f"{kind}-{spec.get('precision', '')}".rstrip("-")
     spec_path, out_path = scratch / f"{name}.spec.json", scratch / f"{name}.out.json"
     spec_path.write_text(json.dumps(spec, ensure_ascii=False), encoding="utf-8")
     out_path.unlink(missing_ok=True)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1",
            "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1", **(extra_env or {})}
     started = time.perf_counter()
-    proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "_worker", kind, str(spec_path),
-                           str(out_path)], env=env, check=False)
+    proc = subprocess.run([sys.executable, str((script or Path(__file__)).resolve()), "_worker", kind,
+                           str(spec_path), str(out_path)], env=env, check=False)
     wall = time.perf_counter() - started
     if proc.returncode != 0 or not out_path.is_file():
         raise RuntimeError(f"worker {name} failed (exit {proc.returncode})")

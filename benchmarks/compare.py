@@ -40,7 +40,6 @@ import contextlib
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -901,22 +900,10 @@ def _kolite_home(work: Path) -> Path:
 
 
 def _run_worker(kind: str, spec: dict, scratch: Path, name: str) -> dict:
-    spec_path, out_path = scratch / f"{name}.spec.json", scratch / f"{name}.out.json"
-    spec_path.write_text(json.dumps(spec, ensure_ascii=False), encoding="utf-8")
-    out_path.unlink(missing_ok=True)
+    """bench_core's worker runner, on this script's workers, with every BLAS pinned to the same threads."""
     threads = str(spec["threads"])
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1",
-           "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": threads,
-           "OPENBLAS_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
-    started = time.perf_counter()
-    proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "_worker", kind, str(spec_path),
-                           str(out_path)], env=env, check=False)
-    wall = time.perf_counter() - started
-    if proc.returncode != 0 or not out_path.is_file():
-        raise RuntimeError(f"worker {name} failed (exit {proc.returncode})")
-    result = json.loads(out_path.read_text(encoding="utf-8"))
-    result["process_wall_s"] = round(wall, 2)
-    return result
+    pinned = {"OMP_NUM_THREADS": threads, "OPENBLAS_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
+    return core._run_worker(kind, spec, scratch, pinned, name=name, script=Path(__file__))
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
