@@ -14,8 +14,8 @@ One run measures, for each engine, on a random-weight model of KoGPT2's exact sh
   also makes one untimed full call, so the repeats measure a warm server (medians are reported).
 
 Greedy decoding, and nothing stops early: kolite runs its real serving loop
-(`engine.generate.run_sequence`, with its sampler and streaming detokenizer) on a `Sequence` whose
-stop ids are cleared (a random model may emit `</s>` or `<usr>` at any step); the pipeline gets
+(`engine.generate.run_sequence`, with its sampler and streaming detokenizer) with `ignore_eos`
+(a random model may emit `</s>` or `<usr>` at any step); the pipeline gets
 `min_new_tokens == max_new_tokens`. Every timed call is checked to have produced exactly the
 requested number of tokens.
 
@@ -417,10 +417,8 @@ def worker_kolite(spec: dict) -> dict:
         _log(f"WARNING: kolite {precision} converted during the timed load (the warm-up should have)")
 
     def call(prompt_ids: list[int], n: int) -> dict:
-        seq = lm.new_sequence(prompt_ids, SamplingParams(max_new_tokens=n, do_sample=False))
-        if not hasattr(seq, "_stop_ids"):
-            raise RuntimeError("kolite Sequence has no _stop_ids; update the benchmark's no-early-stop hook")
-        seq._stop_ids = frozenset()  # a random model may emit </s> or <usr>: generate exactly n tokens
+        # ignore_eos: a random model may emit </s> or <usr> at any step; generate exactly n tokens
+        seq = lm.new_sequence(prompt_ids, SamplingParams(max_new_tokens=n, do_sample=False, ignore_eos=True))
         stamps: list[float] = []
         finish = None
         start = time.perf_counter()

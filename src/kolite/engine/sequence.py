@@ -82,10 +82,6 @@ class Sequence:
     def finished(self) -> bool:
         return self.finish_reason is not None
 
-    @property
-    def all_ids(self) -> list[int]:
-        return self.prompt_ids + self.generated
-
     def next_token(self, logits) -> int:
         """Sample the next id from this sequence's last-position logits."""
         return self.sampler(logits, self._seen, self.generated)
