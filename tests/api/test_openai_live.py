@@ -122,7 +122,7 @@ def test_completion_text_usage_and_echo(client: openai.OpenAI, reference: Loaded
     assert r.usage is not None
     assert (r.usage.prompt_tokens, r.usage.completion_tokens) == (len(ids), want.completion_tokens)
     assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
-    assert 1 <= r.usage.completion_tokens <= 12
+    assert r.usage.completion_tokens <= 12
     assert (choice.finish_reason == "length") == (r.usage.completion_tokens == 12)
 
     echoed = client.completions.create(model=MODEL, prompt=prompt, max_tokens=12, temperature=0.8, seed=11,
@@ -337,8 +337,9 @@ def test_loading_is_503_then_ready(tiny_loaded: LoadedModel, tiny_model_dir: Pat
                 list(c.completions.create(model=MODEL, prompt="hi", stream=True))
             gate.set()
             assert svc.wait_loaded(10) is State.READY
-            r = c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=3)
-            assert r.usage is not None and 1 <= r.usage.completion_tokens <= 3
+            r = c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=3,
+                                          extra_body={"ignore_eos": True})  # a random model may end at once
+            assert r.usage is not None and r.usage.completion_tokens == 3
     finally:
         gate.set()
 

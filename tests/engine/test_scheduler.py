@@ -104,8 +104,9 @@ def test_cancel_frees_the_row_within_a_step(tiny_loaded: LoadedModel) -> None:
         assert len(tokens) < 100
         # the freed row serves the next request
         nxt = Collector()
-        sched.submit(tiny_loaded.new_sequence(p, SamplingParams(max_new_tokens=3, do_sample=False)), nxt)
-        assert nxt.finish.completion_tokens >= 1
+        params = SamplingParams(max_new_tokens=3, do_sample=False, ignore_eos=True)
+        sched.submit(tiny_loaded.new_sequence(p, params), nxt)
+        assert nxt.finish.completion_tokens == 3
     finally:
         sched.stop()
 

@@ -47,6 +47,7 @@ class GenerateRequest(BaseModel):
     stop: str | list[str] | None = Field(None, description="Stop strings (not included in the output).")
     seed: int | None = Field(None, ge=0, le=2**63 - 1, description="Makes sampling reproducible.")
     stream: bool = Field(False, description="Server-Sent Events: {'text': piece} events, then the full answer.")
+    ignore_eos: bool = Field(False, description="Keep generating past end-of-text (as llama.cpp's server).")
 
     @field_validator("prompt")
     @classmethod

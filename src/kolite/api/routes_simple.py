@@ -69,6 +69,7 @@ async def generate(req: GenerateRequest, request: Request) -> GenerateResponse |
         max_new_tokens=new_token_budget(req, len(prompt_ids)), temperature=req.temperature,
         do_sample=req.do_sample, top_k=req.top_k, top_p=req.top_p,
         repetition_penalty=req.repetition_penalty, seed=req.seed, stop=req.stop_list(),
+        ignore_eos=req.ignore_eos,
     )
     stream = svc.submit(prompt_ids, params)
     log_prompts = request.app.state.log_prompts
