@@ -73,6 +73,8 @@ def test_late_joiner_matches_alone(tiny_loaded: LoadedModel) -> None:
     p1, p2 = _prompts(tiny_loaded, 2)
     long = SamplingParams(max_new_tokens=60, do_sample=False)
     late = SamplingParams(max_new_tokens=10, temperature=0.9, seed=7)
+    # computed first: the scheduler's thread owns the runtime (and its slot 0) while it runs
+    want_a, want_b = _alone(tiny_loaded, p1, long).token_ids, _alone(tiny_loaded, p2, late).token_ids
     sched = Scheduler(tiny_loaded.runtime, SchedulerOptions(max_batch=4))
     try:
         a, b = Collector(), Collector()
@@ -80,8 +82,8 @@ def test_late_joiner_matches_alone(tiny_loaded: LoadedModel) -> None:
         while sched.steps < 5:
             time.sleep(0.001)
         sched.submit(tiny_loaded.new_sequence(p2, late), b)
-        assert b.finish.token_ids == _alone(tiny_loaded, p2, late).token_ids
-        assert a.finish.token_ids == _alone(tiny_loaded, p1, long).token_ids
+        assert b.finish.token_ids == want_b
+        assert a.finish.token_ids == want_a
     finally:
         sched.stop()
 
