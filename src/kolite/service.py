@@ -57,7 +57,7 @@ class LoadedModel:
 def load_model(settings: ModelSettings, progress: Callable[[str], None] | None = None) -> LoadedModel:
     """Resolve, convert (or reuse), then open the tokenizer and the ONNX Runtime session."""
     started = time.perf_counter()
-    prepared = prepare_model(settings, progress=progress)
+    prepared = prepare_model(settings, progress=progress, need_tokenizer=True)
     files = prepared.files
     profile = profile_for(files.repo_id or files.name, files.tokenizer or files.vocab, files.tokenizer_config)
     tokenizer = Tokenizer.from_files(files.tokenizer, profile, vocab=files.vocab, merges=files.merges)

@@ -91,3 +91,16 @@ def test_pull_cli_converts_and_prints_the_graph(folder: Path, tmp_path: Path, ca
 def test_pull_cli_reports_missing_model(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     assert cli_main(["pull", str(tmp_path / "nope"), "--kolite-home", str(tmp_path / "home")]) == 2
     assert "error" in capsys.readouterr().err
+
+
+def test_serving_a_model_without_tokenizer_fails_before_converting(folder: Path, tmp_path: Path) -> None:
+    from kolite.errors import ModelFormatError
+    from kolite.service import load_model
+
+    home = tmp_path / "home"
+    with pytest.raises(ModelFormatError, match="no tokenizer"):
+        load_model(ModelSettings(model=str(folder), kolite_home=home))
+    assert not home.exists() or not any(home.rglob("model.onnx"))
+    (folder / "vocab.json").write_text("{}")
+    with pytest.raises(ModelFormatError, match=r"vocab\.json and merges\.txt"):
+        load_model(ModelSettings(model=str(folder), kolite_home=home))

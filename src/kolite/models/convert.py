@@ -11,9 +11,9 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from importlib.metadata import version
 from pathlib import Path
 
-import onnx
 import onnxruntime
 
 from kolite import __version__
@@ -50,7 +50,7 @@ def _expected_manifest(files: ModelFiles, precision: str, scheme: str) -> dict:
         "int8_scheme": scheme if precision == "int8" else None,
         "source": {"name": files.name, "revision": files.revision,
                    "weights": file_fingerprint(files.weights), "config": file_fingerprint(files.config)},
-        "onnx": onnx.__version__,
+        "onnx": version("onnx"),  # read from metadata: serving a cached graph never imports onnx (~25 MB)
         "onnxruntime": onnxruntime.__version__,
     }
 
@@ -63,6 +63,8 @@ def build_graph_files(files: ModelFiles, cfg: GPT2Config, precision: str, out_di
     activations quantized per token at run time; int4 blocks for onnxruntime's MatMulNBits);
     int8 "ort-dynamic" builds fp32 and runs onnxruntime's `quantize_dynamic` (per-channel) over it.
     """
+    import onnx
+
     from kolite.engine.graph import build_gpt2_graph
     from kolite.engine.quantize import quantize_int8
 
@@ -90,11 +92,17 @@ def build_graph_files(files: ModelFiles, cfg: GPT2Config, precision: str, out_di
     return target
 
 
-def prepare_model(settings: ModelSettings, *, progress: Progress | None = None) -> PreparedModel:
-    """Resolve, and convert unless the cache holds a graph made from the same source."""
+def prepare_model(settings: ModelSettings, *, progress: Progress | None = None,
+                  need_tokenizer: bool = False) -> PreparedModel:
+    """Resolve, and convert unless the cache holds a graph made from the same source.
+
+    `need_tokenizer` refuses a model without tokenizer files before spending minutes converting it.
+    """
     say = progress or (lambda msg: log.info("%s", msg))
     files = resolve_model(settings.model, revision=settings.revision, cache_dir=settings.cache_dir,
                           local_files_only=settings.local_files_only, progress=progress is not None)
+    if need_tokenizer:
+        files.check_tokenizer()
     cfg = GPT2Config.from_file(files.config)
     variant = settings.precision
     if settings.precision == "int8" and settings.int8_scheme != "per-token":

@@ -48,6 +48,12 @@ class ModelFiles:
     revision: str  # "local" for folders, else the snapshot's commit hash
     repo_id: str | None
 
+    def check_tokenizer(self) -> None:
+        """Serving needs a tokenizer: tokenizer.json, or GPT-2's vocab.json + merges.txt."""
+        if self.tokenizer is None and (self.vocab is None or self.merges is None):
+            raise ModelFormatError(
+                f"{self.name} has no tokenizer: it needs tokenizer.json, or vocab.json and merges.txt")
+
 
 @dataclass(frozen=True)
 class WeightsChoice:
