@@ -329,7 +329,7 @@ def weight_bytes_per_token(graph: Path | str) -> dict[str, Any]:
     return {"bytes_per_token": matrices + small + table_rows, "matrix_bytes": matrices, "other_bytes": small,
             "embedding_table_bytes": tables, "embedding_row_bytes": table_rows,
             "embedding_tables": sorted(gathered), "matrix_bytes_by_dtype": by_dtype,
-            "graph_file_bytes": Path(graph).stat().st_size}
+            "graph_file_bytes": sum(p.stat().st_size for p in Path(graph).parent.glob(Path(graph).name + "*"))}
 
 
 def kv_bytes_per_token(cfg: GPT2Config, context: int) -> int:

@@ -42,9 +42,9 @@ def test_precisions_are_separate_entries(folder: Path, tmp_path: Path) -> None:
     i4 = prepare_model(ModelSettings(model=str(folder), kolite_home=home, precision="int4"))
     assert len({q.graph, o.graph, f.graph, i4.graph}) == 4
     assert [p.graph.parent.name for p in (q, o, f, i4)] == ["int8", "int8-ort-dynamic", "fp32", "int4"]
-    assert i4.graph.stat().st_size < q.graph.stat().st_size
+    assert i4.graph_bytes < q.graph_bytes
     assert q.manifest["int8_scheme"] == "per-token" and o.manifest["int8_scheme"] == "ort-dynamic"
-    assert q.graph.stat().st_size < f.graph.stat().st_size and o.graph.stat().st_size < f.graph.stat().st_size
+    assert q.graph_bytes < f.graph_bytes and o.graph_bytes < f.graph_bytes
     assert all(not p.converted for p in (prepare_model(ModelSettings(model=str(folder), kolite_home=home)),))
 
 
@@ -57,6 +57,20 @@ def test_changed_source_is_reconverted(folder: Path, tmp_path: Path) -> None:
     again = prepare_model(settings)
     assert again.converted
     assert again.graph == first.graph  # same entry, rebuilt in place
+
+
+def test_weights_live_beside_the_graph_and_a_damaged_entry_is_rebuilt(folder: Path, tmp_path: Path) -> None:
+    settings = ModelSettings(model=str(folder), kolite_home=tmp_path / "home")
+    first = prepare_model(settings)
+    data = first.graph.with_name("model.onnx.data")
+    assert data.is_file() and data.stat().st_size > first.graph.stat().st_size  # the weights are external
+    assert first.manifest["files"]["model.onnx.data"] == data.stat().st_size
+    with data.open("r+b") as fh:
+        fh.truncate(data.stat().st_size // 2)
+    again = prepare_model(settings)
+    assert again.converted and again.graph_bytes == first.graph_bytes
+    data.unlink()
+    assert prepare_model(settings).converted
 
 
 def test_graph_version_change_is_reconverted(folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -87,13 +87,15 @@ def _gelu(b: _Builder, x: str, bias: str, activation: str) -> str:
 def _skip_layer_norm(b: _Builder, hidden: str, branch: str, bias: str, gamma: str, beta: str,
                      eps: float) -> tuple[str, str]:
     """(LayerNorm(hidden + branch + bias), hidden + branch + bias): the residual add, the branch's
-    bias and the next layer norm in one fused op."""
-    b._count += 1
-    normed, total = f"sln_{b._count}", f"residual_{b._count}"
-    b.nodes.append(helper.make_node(
-        "SkipLayerNormalization", [hidden, branch, gamma, beta, bias], [normed, "", "", total],
-        name=f"n_sln_{b._count}", domain=MS_DOMAIN, epsilon=eps))
-    return normed, total
+    bias and the next layer norm.
+
+    Written as two Adds and a LayerNormalization, not as onnxruntime's fused SkipLayerNormalization
+    (which it keeps as written: it does not fuse this pattern back): its CPU kernel is the slower one,
+    and the unfused graph prefills a 512-token prompt ~12% faster (KoGPT2 shape, int8: 122-128 ms vs
+    138-141 ms, interleaved runs; decode unchanged).
+    """
+    total = b.op("Add", [b.op("Add", [branch, bias]), hidden])
+    return b.op("LayerNormalization", [total, gamma, beta], axis=-1, epsilon=eps), total
 
 
 Weights = Literal["fp32", "int8", "int4"]

@@ -12,6 +12,8 @@ inter-op thread (the graph is a chain), full graph optimisation, and no memory a
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import mmap
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -36,6 +38,26 @@ def lazy_zeros(shape: tuple[int, ...]) -> np.ndarray:
     mem = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     mem.madvise(mmap.MADV_NOHUGEPAGE)
     return np.frombuffer(mem, np.float32).reshape(shape)
+
+
+def release_free_memory() -> None:
+    """Hand memory that the C heap holds but no longer uses back to the system (glibc only).
+
+    Why: onnxruntime frees a session's load buffers and a long prompt's activations, but glibc keeps
+    most of those pages, so the resident set stays at its high-water mark. `malloc_trim(0)` returns
+    them in 1-5 ms (KoGPT2 int8, measured: 331 -> 276 MB after load). Elsewhere it does nothing.
+    """
+    global _malloc_trim
+    if _malloc_trim is None:
+        try:
+            _malloc_trim = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+        except (OSError, AttributeError):  # not glibc (musl, macOS): nothing to trim
+            _malloc_trim = False
+    if _malloc_trim:
+        _malloc_trim(0)
+
+
+_malloc_trim = None
 
 
 @dataclass(frozen=True)
@@ -73,6 +95,7 @@ class GPT2Runtime:
         self._kv_names = [f"{kind}_{i}" for i in range(cfg.n_layer) for kind in ("key", "value")]
         self.slots = 0
         self.ensure_slots(slots)
+        release_free_memory()
 
     def ensure_slots(self, slots: int) -> None:
         """Have at least `slots` cache rows (call while no sequence is running: caches start empty)."""

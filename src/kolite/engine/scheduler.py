@@ -22,9 +22,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from kolite.engine.runtime import GPT2Runtime
+from kolite.engine.runtime import GPT2Runtime, release_free_memory
 from kolite.engine.sequence import Finish, Sequence, TokenEvent
 from kolite.errors import Overloaded
+
+# Prompts this long leave megabytes of freed activations in the C heap: trimmed after their prefill.
+LONG_PROMPT = 256
 
 log = logging.getLogger(__name__)
 
@@ -166,6 +169,8 @@ class Scheduler:
                 self._batch.rows.append(req)
                 self._batch.lengths.append(len(req.seq.prompt_ids))
         self._admitting = []
+        if any(len(req.seq.prompt_ids) >= LONG_PROMPT for req in new):
+            release_free_memory()  # after the first tokens went out, so time to first token is unchanged
 
     def _decode(self) -> None:
         b = self._batch

@@ -61,6 +61,10 @@ def lookup(folder: Path, expected: dict) -> CacheEntry | None:
         return None
     if any(manifest.get(k) != v for k, v in expected.items()):
         return None
+    for name, size in manifest.get("files", {}).items():  # a deleted or truncated weights file
+        path = folder / name
+        if not path.is_file() or path.stat().st_size != size:
+            return None
     return CacheEntry(folder, manifest)
 
 
@@ -72,6 +76,7 @@ def write_entry(folder: Path, manifest: dict, build: Callable[[Path], None]) -> 
         build(tmp)
         if not (tmp / GRAPH).is_file():
             raise RuntimeError("conversion produced no graph")
+        manifest = {**manifest, "files": {p.name: p.stat().st_size for p in sorted(tmp.iterdir()) if p.is_file()}}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True), encoding="utf-8")
         if folder.exists():  # stale entry: move it aside first, then drop it
             stale = folder.with_name(f".{folder.name}.stale-{os.getpid()}")

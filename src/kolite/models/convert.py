@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import onnxruntime
 
@@ -23,10 +24,13 @@ from kolite.models.gpt2config import GPT2Config
 from kolite.models.resolve import ModelFiles, resolve_model
 from kolite.models.weights import gpt2_weights, load_state_dict
 
+if TYPE_CHECKING:
+    import onnx
+
 log = logging.getLogger(__name__)
 
 # Bump when the graph builder changes what it emits: every cached graph is rebuilt.
-GRAPH_VERSION = 2
+GRAPH_VERSION = 3  # 3: unfused residual norms, weights in model.onnx.data
 
 Progress = Callable[[str], None]
 
@@ -41,6 +45,12 @@ class PreparedModel:
     graph: Path
     manifest: dict
     converted: bool  # False when the cache already held it
+
+    @property
+    def graph_bytes(self) -> int:
+        """The graph and its external weights file together: the model's size on disk."""
+        return sum(p.stat().st_size for p in (self.graph, self.graph.with_name(self.graph.name + ".data"))
+                   if p.is_file())
 
 
 def _expected_manifest(files: ModelFiles, precision: str, scheme: str) -> dict:
@@ -81,15 +91,34 @@ def build_graph_files(files: ModelFiles, cfg: GPT2Config, precision: str, out_di
     model = build_gpt2_graph(cfg, weights, quant=quant)
     del weights
     target = out_dir / GRAPH
-    fp32_path = out_dir / "model.fp32.onnx" if ort_dynamic else target
+    if not ort_dynamic:
+        save_graph(model, target)
+        return target
+    fp32_path = out_dir / "model.fp32.onnx"
     onnx.save_model(model, str(fp32_path))
     del model
     gc.collect()
-    if fp32_path != target:
-        say("quantizing to int8 with onnxruntime's quantize_dynamic (per-channel)")
-        quantize_int8(fp32_path, target, per_channel=True)
-        fp32_path.unlink()
+    say("quantizing to int8 with onnxruntime's quantize_dynamic (per-channel)")
+    quantized = out_dir / "model.int8.onnx"
+    quantize_int8(fp32_path, quantized, per_channel=True)
+    fp32_path.unlink()
+    save_graph(onnx.load(str(quantized)), target)
+    quantized.unlink()
     return target
+
+
+def save_graph(model: onnx.ModelProto, path: Path) -> None:
+    """Write the graph with its weights in one external file beside it (`model.onnx.data`).
+
+    Why: onnxruntime maps an external weights file instead of parsing a protobuf that holds them, so
+    a session opens with ~50 MB less resident memory and a lower peak, and a table read by `Gather`
+    (the token embedding) is paged in only where rows are read (KoGPT2 int8, measured: 230 -> 178 MB
+    after load, peak 267 -> 215 MB). It also lifts protobuf's 2 GB limit on a single file.
+    """
+    import onnx
+
+    onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=path.name + ".data", size_threshold=1024)
 
 
 def prepare_model(settings: ModelSettings, *, progress: Progress | None = None,
