@@ -5,7 +5,8 @@ A real `kolite serve` process (int8, random weights of KoGPT2's exact shape: voc
 prompt, `max_tokens` new tokens and `ignore_eos` (a random model may end early otherwise). For each
 level of concurrency all clients start together; aggregate tokens/s = completion tokens of all
 clients / wall time from the first request to the last `[DONE]`. Per-client tokens/s and time to
-first token are reported too, and the server's peak RSS.
+first token are reported too, and the server's memory: RSS when ready, the start's peak, and the
+serving peak (the high-water mark reset once the server is ready).
 
     /work/venv/bin/python benchmarks/bench_http.py                 # 1, 4, 8 clients, 128 tokens each
     /work/venv/bin/python benchmarks/bench_http.py --quick         # 2-layer model, seconds
@@ -47,6 +48,22 @@ def _start_server(model_dir: Path, home: Path, port: int, args: argparse.Namespa
            "KOLITE_SERVED_MODEL_NAME": "bench", "KOLITE_LOG_LEVEL": "warning"}
     return subprocess.Popen([sys.executable, "-m", "kolite.cli", "serve"], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def _status_mb(pid: int) -> dict[str, float]:
+    """VmRSS and VmHWM (the high-water mark) of a process, in MB."""
+    with open(f"/proc/{pid}/status") as fh:
+        return {k: round(int(v.split()[0]) / 1024, 1) for k, v in (line.split(":", 1) for line in fh)
+                if k in ("VmRSS", "VmHWM")}
+
+
+def _reset_peak(pid: int) -> None:
+    """Start VmHWM afresh (Linux: writing 5 to clear_refs), so the serving peak excludes loading."""
+    try:
+        with open(f"/proc/{pid}/clear_refs", "w") as fh:
+            fh.write("5")
+    except OSError:
+        print("note: cannot reset the server's peak RSS; it includes loading", file=sys.stderr)
 
 
 def _wait_ready(base: str, proc: subprocess.Popen, limit: float = 900.0) -> None:
@@ -134,6 +151,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         _wait_ready(base, proc)
         server = psutil.Process(proc.pid)
+        ready = _status_mb(proc.pid)  # RSS when READY, and the start's peak (a first start also converts)
+        _reset_peak(proc.pid)  # from here VmHWM is the serving peak alone
         asyncio.run(_level(base, prompts, 1, 16))  # warm-up
         results = []
         for clients in levels:
@@ -145,8 +164,7 @@ def main(argv: list[str] | None = None) -> int:
                 peak_rss = max(peak_rss, server.memory_info().rss)
             results.append(best)
             print(f"{clients} clients: {best['aggregate_tokens_per_s']:.1f} tok/s aggregate", file=sys.stderr)
-        with open(f"/proc/{proc.pid}/status") as fh:
-            hwm = next((int(line.split()[1]) for line in fh if line.startswith("VmHWM")), 0)
+        hwm = _status_mb(proc.pid)["VmHWM"]
     finally:
         proc.terminate()
         try:
@@ -158,14 +176,16 @@ def main(argv: list[str] | None = None) -> int:
     report = {"benchmark": "bench_http", "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
               "machine": bench_core.machine_info(), "model": shape.to_dict(), "precision": args.precision,
               "threads": args.threads, "max_batch": args.max_batch, "new_tokens": args.new_tokens,
-              "server_peak_rss_mb": round(max(hwm * 1024, peak_rss) / 2**20, 1), "levels": results}
+              "server_rss_ready_mb": ready["VmRSS"], "server_start_peak_mb": ready["VmHWM"],
+              "server_peak_rss_mb": round(max(hwm, peak_rss / 2**20), 1), "levels": results}
     header = f"{'clients':>7} {'aggregate tok/s':>16} {'per-client tok/s':>17} {'TTFT p50 (s)':>13} {'vs 1 client':>12}"
     print(header)
     for r in results:
         ratio = f"{r['aggregate_tokens_per_s'] / one:.2f}x" if one else "-"
         print(f"{r['clients']:>7} {r['aggregate_tokens_per_s']:>16.1f} {r['per_client_tokens_per_s']:>17.1f} "
               f"{r['ttft_median_s']:>13.3f} {ratio:>12}")
-    print(f"server peak RSS: {report['server_peak_rss_mb']} MB; threads {args.threads}; max batch {args.max_batch}")
+    print(f"server RSS when ready: {ready['VmRSS']} MB (start peak {ready['VmHWM']} MB); serving peak RSS: "
+          f"{report['server_peak_rss_mb']} MB; threads {args.threads}; max batch {args.max_batch}")
     out = args.json or bench_core.DEFAULT_OUT / ("bench_http-quick.json" if args.quick else "bench_http.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2, ensure_ascii=False), encoding="utf-8")
