@@ -704,6 +704,15 @@ def run_bench(settings: ModelSettings, options: BenchOptions | None = None, *, r
     report["load_seconds"] = round(model.load_seconds, 3)
     report["weights"] = weights
     memory: dict[str, Any] = {"rss_after_load_mb": rss_mb()}
+    phase_peaks: dict[str, float | None] = {}
+
+    def phase_done(name: str) -> None:
+        """Where the memory goes: each phase's own high-water mark (only where it can be reset)."""
+        if reset_ok:
+            phase_peaks[name] = peak_rss_mb()
+            reset_peak_rss()
+
+    phase_done("load")
     say(f"  loaded in {model.load_seconds:.2f}s; {cfg.n_layer} layers x {cfg.n_embd}, "
         f"{model.prepared.precision}, {settings.threads} threads")
 
@@ -712,10 +721,12 @@ def run_bench(settings: ModelSettings, options: BenchOptions | None = None, *, r
     longest = _fit(max((*opts.contexts, *opts.ttft_prompts)), model.n_positions, 5)
     timed_generation(model, prompt_ids(longest, model.id_limit, seed=9), 4)  # grows the arena to its largest
     timed_generation(model, prompt_ids(opts.short_prompt, model.id_limit, seed=9), 8)
+    phase_done(f"warm-up ({longest}-token prompt)")
 
     say(f"decode, batch 1: {opts.short_prompt}-token prompt + {opts.new_tokens} new tokens x {opts.repeats} ...")
     report["decode"] = measure_decode(model, opts.short_prompt, opts.new_tokens, opts.repeats)
     say(f"  {report['decode']['tok_s']:.1f} tok/s")
+    phase_done(f"decode ({opts.short_prompt}-token prompt)")
     report["ttft"] = []
     for n in _distinct(opts.ttft_prompts, model.n_positions, 1):
         say(f"time to first token, {n}-token prompt ...")
@@ -728,12 +739,17 @@ def run_bench(settings: ModelSettings, options: BenchOptions | None = None, *, r
         entry["kv_bytes_per_token"] = kv_bytes_per_token(cfg, entry["context"])
         report["context"].append(entry)
         say(f"  {entry['tok_s']:.1f} tok/s")
+    phase_done("long prompts and contexts")
     say(f"concurrent requests {', '.join(map(str, opts.concurrency))} through the scheduler ...")
     report["concurrency"] = measure_concurrency(model, opts.concurrency, opts.short_prompt, opts.new_tokens)
     for c in report["concurrency"]:
         say(f"  {c['requests']}: {c['aggregate_tok_s']:.1f} tok/s together")
+    phase_done(f"{max(opts.concurrency)} concurrent requests")
 
-    memory.update(peak_rss_mb=peak_rss_mb(), peak_rss_includes_setup=not reset_ok, rss_end_mb=rss_mb())
+    serving = [v for k, v in phase_peaks.items() if k != "load" and v is not None]
+    peak = max(serving) if serving else peak_rss_mb()
+    memory.update(peak_rss_mb=peak, peak_rss_includes_setup=not reset_ok, rss_end_mb=rss_mb(),
+                  peak_rss_by_phase_mb=phase_peaks)
     report["memory"] = memory
 
     # --- what the memory allows -----------------------------------------------------------------------
@@ -806,6 +822,8 @@ def table_rows(report: dict[str, Any]) -> list[tuple[str, str]]:
     rows.append(("RSS after load", f"{mem['rss_after_load_mb']:.0f} MB" if mem["rss_after_load_mb"] else "-"))
     peak_note = " (includes setup: no reset here)" if mem["peak_rss_includes_setup"] else ""
     rows.append((f"peak RSS, serving{peak_note}", f"{mem['peak_rss_mb']:.0f} MB" if mem["peak_rss_mb"] else "-"))
+    for phase, mb in mem.get("peak_rss_by_phase_mb", {}).items():
+        rows.append((f"  peak RSS during {phase}", f"{mb:.0f} MB" if mb else "-"))
     did = [w for w, on in (("random weights written", setup.get("checkpoint_written")),
                            (f"converted in {setup['prepare_seconds']:.0f} s", setup["converted"])) if on]
     if did:
