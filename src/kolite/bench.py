@@ -332,9 +332,10 @@ def weight_bytes_per_token(graph: Path | str) -> dict[str, Any]:
             "graph_file_bytes": sum(p.stat().st_size for p in Path(graph).parent.glob(Path(graph).name + "*"))}
 
 
-def kv_bytes_per_token(cfg: GPT2Config, context: int) -> int:
-    """KV cache bytes a decode step reads at `context` tokens: keys and values of every layer, fp32."""
-    return 2 * cfg.n_layer * context * cfg.n_embd * 4
+def kv_bytes_per_token(cfg: GPT2Config, context: int, itemsize: int = 4) -> int:
+    """KV cache bytes a decode step reads at `context` tokens: keys and values of every layer
+    (`itemsize` 4 for a float32 cache, 2 for float16)."""
+    return 2 * cfg.n_layer * context * cfg.n_embd * itemsize
 
 
 def parameter_count(cfg: GPT2Config) -> int:
@@ -736,7 +737,7 @@ def run_bench(settings: ModelSettings, options: BenchOptions | None = None, *, r
     for n in _distinct(opts.contexts, model.n_positions, opts.context_steps + 1):
         say(f"decode at {n} tokens of context ...")
         entry = measure_context(model, n, opts.context_steps, opts.repeats)
-        entry["kv_bytes_per_token"] = kv_bytes_per_token(cfg, entry["context"])
+        entry["kv_bytes_per_token"] = kv_bytes_per_token(cfg, entry["context"], model.runtime.kv_dtype.itemsize)
         report["context"].append(entry)
         say(f"  {entry['tok_s']:.1f} tok/s")
     phase_done("long prompts and contexts")

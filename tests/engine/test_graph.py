@@ -109,3 +109,45 @@ def test_prompt_longer_than_a_slot_is_refused(tmp_path: Path, weights: dict) -> 
     rt = _runtime(tmp_path, CFG, weights, all_logits=False)
     with pytest.raises(ValueError, match="does not fit"):
         rt.prefill(0, list(range(CFG.n_positions + 1)))
+
+
+@pytest.mark.parametrize("all_logits", [True, False])
+def test_long_prompts_are_prefilled_in_chunks_with_the_same_result(
+    tmp_path: Path, weights: dict, monkeypatch: pytest.MonkeyPatch, all_logits: bool
+) -> None:
+    """A prompt longer than PREFILL_CHUNK goes in several calls, each attending to what the earlier
+    ones cached: logits (all positions, or the last) and the cache equal the reference."""
+    from kolite.engine import runtime
+
+    monkeypatch.setattr(runtime, "PREFILL_CHUNK", 4)
+    rt = _runtime(tmp_path, CFG, weights, all_logits=all_logits)
+    ids = [int(i) for i in np.random.default_rng(5).integers(0, CFG.vocab_size, 11)]  # chunks 4 + 4 + 3
+    calls = []
+    real_run = rt.session.run_with_iobinding
+    monkeypatch.setattr(rt.session, "run_with_iobinding", lambda io: (calls.append(1), real_run(io))[1])
+    logits = rt.prefill(0, ids)
+    assert len(calls) == 3
+    ref, ref_cache = forward(CFG, weights, np.array([ids]))
+    want = ref[0] if all_logits else ref[0, -1:]
+    assert logits.shape == want.shape
+    np.testing.assert_allclose(logits, want, atol=TOL, rtol=0)
+    np.testing.assert_allclose(rt.cache[1][0, :, :11], ref_cache[0][1][0], atol=TOL, rtol=0)  # layer-0 values
+    np.testing.assert_allclose(rt.decode([9], [11])[0], forward(CFG, weights, np.array([[*ids, 9]]))[0][0, -1],
+                               atol=TOL, rtol=0)
+
+
+def test_fp16_cache_graph_stays_close_to_fp32(tmp_path: Path, weights: dict) -> None:
+    """`kv_cache="fp16"`: the runtime allocates float16 buffers from the graph's input types, and
+    logits stay within float16 rounding of the fp32 graph's, through prefill and cached decode."""
+    path = tmp_path / "kv16.onnx"
+    onnx.save(build_gpt2_graph(CFG, weights, kv_cache="fp16"), path)
+    rt16 = GPT2Runtime(path, CFG)
+    rt32 = _runtime(tmp_path, CFG, weights, all_logits=False)
+    assert rt16.kv_dtype == np.float16 and rt16.cache[0].dtype == np.float16 and rt32.kv_dtype == np.float32
+    seq = [11, 22, 33, 44, 55, 66, 77, 88]
+    a, b = rt16.prefill(0, seq[:5]), rt32.prefill(0, seq[:5])
+    diffs = [np.abs(a - b).max()]
+    for t in range(5, len(seq)):
+        diffs.append(np.abs(rt16.decode([seq[t]], [t]) - rt32.decode([seq[t]], [t])).max())
+    spread = np.abs(b).max()
+    assert 0 < max(diffs) < 1e-2 * spread, (diffs, spread)  # not identical (it is float16), but close

@@ -7,7 +7,8 @@ Writing the graph by hand keeps conversion torch-free and lets us shape it for s
   in place instead of being copied at every step;
 - inputs `input_ids`, `position_ids`, `seqlens_k` (per row: tokens in the cache after this step,
   minus one), `total_sequence_length`, and `past_key_i`/`past_value_i` ([batch, heads, capacity,
-  head_dim]); outputs `logits` and `present_key_i`/`present_value_i` (the same buffers when bound so);
+  head_dim], float32 or, with `kv_cache="fp16"`, float16); outputs `logits` and
+  `present_key_i`/`present_value_i` (the same buffers when bound so);
 - the attention scale is folded into the query weights, and `logits` covers only the last position
   unless `all_logits` is asked for: generation never needs the others, and the lm_head is the largest
   MatMul of a prefill (51200 x 768 for KoGPT2);
@@ -173,11 +174,22 @@ def _embedding(b: _Builder, wte: np.ndarray, quantized: bool) -> str:
     return b.op("Mul", [rows, scales], name="tok_emb")
 
 
+KVCache = Literal["fp32", "fp16"]
+
+
 def build_gpt2_graph(
-    cfg: GPT2Config, weights: dict[str, np.ndarray], *, all_logits: bool = False, quant: Weights = "fp32"
+    cfg: GPT2Config, weights: dict[str, np.ndarray], *, all_logits: bool = False, quant: Weights = "fp32",
+    kv_cache: KVCache = "fp32",
 ) -> onnx.ModelProto:
     """The GPT-2 graph for `cfg` with `weights` (canonical transformers key names); `quant` says how
-    the weight matrices are stored (the embeddings, norms and biases stay float32)."""
+    the weight matrices are stored (the embeddings, norms and biases stay float32).
+
+    `kv_cache="fp16"` keeps keys and values as float16, as llama.cpp does by default: attention casts
+    q, k and v to float16 and its output back (onnxruntime's CPU GroupQueryAttention computes in
+    float32 either way). Half the cache bytes: less memory per token of context and less to read per
+    step, so long contexts and batches decode faster (measured on KoGPT2 int8: 8 rows x 144 tokens
+    874-887 -> 970-992 tok/s, 46 MB less resident).
+    """
     b = _Builder()
     e, h, d = cfg.n_embd, cfg.n_head, cfg.head_dim
     w = {k: np.asarray(v, dtype=np.float32) for k, v in weights.items()}
@@ -206,6 +218,8 @@ def build_gpt2_graph(
         qkv_b[:e] *= scale
         qkv = _linear(b, x, qkv_w, qkv_b, f"h{i}.attn.c_attn", quant)
         q, k, v = b.op("Split", [qkv, split_sizes], outputs=3, axis=-1)
+        if kv_cache == "fp16":
+            q, k, v = (b.op("Cast", [t], to=TensorProto.FLOAT16) for t in (q, k, v))
         ctx = f"h{i}.attn.ctx"
         b.nodes.append(helper.make_node(
             "GroupQueryAttention",
@@ -213,6 +227,8 @@ def build_gpt2_graph(
             [ctx, f"present_key_{i}", f"present_value_{i}"],
             name=f"n_h{i}_attention", domain=MS_DOMAIN, num_heads=h, kv_num_heads=h, scale=1.0,
         ))
+        if kv_cache == "fp16":
+            ctx = b.op("Cast", [ctx], to=TensorProto.FLOAT)
         attn = _linear(b, ctx, w[p + "attn.c_proj.weight"], None, f"h{i}.attn.c_proj", quant)
         x, hidden = _skip_layer_norm(b, hidden, attn, b.const(p + "attn.c_proj.bias", w[p + "attn.c_proj.bias"]),
                                      *norm(f"h.{i}.ln_2"), eps)
@@ -240,11 +256,11 @@ def build_gpt2_graph(
     ]
     outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT,
                                              ["batch", "seq" if all_logits else 1, cfg.vocab_size])]
+    kv_type = TensorProto.FLOAT16 if kv_cache == "fp16" else TensorProto.FLOAT
     for i in range(cfg.n_layer):
         for kind in ("key", "value"):
-            inputs.append(helper.make_tensor_value_info(f"past_{kind}_{i}", TensorProto.FLOAT, kv_shape))
-            outputs.append(helper.make_tensor_value_info(f"present_{kind}_{i}", TensorProto.FLOAT,
-                                                         kv_shape))
+            inputs.append(helper.make_tensor_value_info(f"past_{kind}_{i}", kv_type, kv_shape))
+            outputs.append(helper.make_tensor_value_info(f"present_{kind}_{i}", kv_type, kv_shape))
     graph = helper.make_graph(b.nodes, "kolite_gpt2", inputs, outputs, initializer=b.inits)
     model = helper.make_model(graph, producer_name="kolite",
                               opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(MS_DOMAIN, 1)])

@@ -30,7 +30,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 # Bump when the graph builder changes what it emits: every cached graph is rebuilt.
-GRAPH_VERSION = 3  # 3: unfused residual norms, weights in model.onnx.data
+GRAPH_VERSION = 4  # 3: unfused residual norms, weights in model.onnx.data; 4: fp16 KV for int8/int4
 
 Progress = Callable[[str], None]
 
@@ -88,7 +88,8 @@ def build_graph_files(files: ModelFiles, cfg: GPT2Config, precision: str, out_di
         say("quantizing weights to int8 (per column; activations per token at run time)")
     elif quant == "int4":
         say("quantizing weights to int4 (blocks of 32, as llama.cpp's Q4_0)")
-    model = build_gpt2_graph(cfg, weights, quant=quant)
+    # Quantized graphs keep a float16 KV cache (as llama.cpp does); fp32 stays exact end to end.
+    model = build_gpt2_graph(cfg, weights, quant=quant, kv_cache="fp32" if quant == "fp32" else "fp16")
     del weights
     target = out_dir / GRAPH
     if not ort_dynamic:
