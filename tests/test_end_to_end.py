@@ -17,7 +17,7 @@ from kolite.service import LoadedModel, load_model
 from tests.conftest import fixture_path
 
 
-@pytest.fixture(scope="module", params=["int8", "fp32"])
+@pytest.fixture(scope="module", params=["int8", "int4", "fp32"])
 def chatbot(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> LoadedModel:
     folder = fixture_path("chatbot-tiny-ko")
     home = tmp_path_factory.mktemp("home")
