@@ -19,6 +19,7 @@ import asyncio
 import datetime as dt
 import json
 import os
+import resource
 import socket
 import statistics
 import subprocess
@@ -64,6 +65,13 @@ def _reset_peak(pid: int) -> None:
             fh.write("5")
     except OSError:
         print("note: cannot reset the server's peak RSS; it includes loading", file=sys.stderr)
+
+
+def _cpu_seconds(server: psutil.Process) -> tuple[float, float]:
+    """CPU seconds used so far by the server (all its threads) and by this client process."""
+    t = server.cpu_times()
+    me = resource.getrusage(resource.RUSAGE_SELF)
+    return t.user + t.system, me.ru_utime + me.ru_stime
 
 
 def _wait_ready(base: str, proc: subprocess.Popen, limit: float = 900.0) -> None:
@@ -158,7 +166,11 @@ def main(argv: list[str] | None = None) -> int:
         for clients in levels:
             best = None
             for _ in range(args.repeats):
+                cpu = _cpu_seconds(server)
                 res = asyncio.run(_level(base, prompts, clients, args.new_tokens))
+                # Where the two cores went: the server (engine + event loop) and this client process
+                res.update({k: round(after - before, 3) for k, before, after
+                            in zip(("server_cpu_s", "client_cpu_s"), cpu, _cpu_seconds(server), strict=True)})
                 if best is None or res["aggregate_tokens_per_s"] > best["aggregate_tokens_per_s"]:
                     best = res
                 peak_rss = max(peak_rss, server.memory_info().rss)
@@ -178,12 +190,16 @@ def main(argv: list[str] | None = None) -> int:
               "threads": args.threads, "max_batch": args.max_batch, "new_tokens": args.new_tokens,
               "server_rss_ready_mb": ready["VmRSS"], "server_start_peak_mb": ready["VmHWM"],
               "server_peak_rss_mb": round(max(hwm, peak_rss / 2**20), 1), "levels": results}
-    header = f"{'clients':>7} {'aggregate tok/s':>16} {'per-client tok/s':>17} {'TTFT p50 (s)':>13} {'vs 1 client':>12}"
+    header = (f"{'clients':>7} {'aggregate tok/s':>16} {'per-client tok/s':>17} {'TTFT p50 (s)':>13} "
+              f"{'vs 1 client':>12} {'server CPU':>11} {'client CPU':>11}")
     print(header)
     for r in results:
         ratio = f"{r['aggregate_tokens_per_s'] / one:.2f}x" if one else "-"
+        busy = [f"{100 * r[k] / r['wall_s']:.0f}%" for k in ("server_cpu_s", "client_cpu_s")]  # of one core
         print(f"{r['clients']:>7} {r['aggregate_tokens_per_s']:>16.1f} {r['per_client_tokens_per_s']:>17.1f} "
-              f"{r['ttft_median_s']:>13.3f} {ratio:>12}")
+              f"{r['ttft_median_s']:>13.3f} {ratio:>12} {busy[0]:>11} {busy[1]:>11}")
+    print("CPU columns: CPU time over wall time, in % of one core (this machine has "
+          f"{os.cpu_count()}); the client runs on the same cores as the server.")
     print(f"server RSS when ready: {ready['VmRSS']} MB (start peak {ready['VmHWM']} MB); serving peak RSS: "
           f"{report['server_peak_rss_mb']} MB; threads {args.threads}; max batch {args.max_batch}")
     out = args.json or bench_core.DEFAULT_OUT / ("bench_http-quick.json" if args.quick else "bench_http.json")
