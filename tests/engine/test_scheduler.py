@@ -190,3 +190,23 @@ def test_engine_error_fails_requests_and_engine_survives(tiny_loaded: LoadedMode
     finally:
         del tiny_loaded.runtime.prefill
         sched.stop()
+
+
+def test_finished_rows_give_their_slots_cache_back(tiny_loaded: LoadedModel, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each request that ends frees the highest slot in use (rows stay packed in 0..n-1), and that
+    slot's cache pages are released: one release per finished request (slots 2, 1, 0 when the three
+    overlap, as they do here unless the first ends before the others are admitted)."""
+    released: list[int] = []
+    real = tiny_loaded.runtime.release
+    monkeypatch.setattr(tiny_loaded.runtime, "release", lambda slot: (released.append(slot), real(slot))[1])
+    prompts = _prompts(tiny_loaded, 3)
+    sched = Scheduler(tiny_loaded.runtime, SchedulerOptions(max_batch=4))
+    try:
+        sinks = [Collector() for _ in prompts]
+        for i, (p, sink) in enumerate(zip(prompts, sinks, strict=True)):
+            params = SamplingParams(max_new_tokens=5 + 3 * i, do_sample=False, ignore_eos=True)
+            sched.submit(tiny_loaded.new_sequence(p, params), sink)
+        assert [s.finish.completion_tokens for s in sinks] == [5, 8, 11]
+    finally:
+        sched.stop()
+    assert len(released) == 3 and all(0 <= slot < 3 for slot in released)

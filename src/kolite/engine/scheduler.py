@@ -205,6 +205,7 @@ class Scheduler:
                 b.rows[i], b.lengths[i] = b.rows[last], b.lengths[last]
             b.rows.pop()
             b.lengths.pop()
+            self.runtime.release(last)  # the last slot is free now: its cache pages go back
 
     def _finish(self, req: Request, reason: str) -> None:
         if req.done.is_set():
