@@ -168,6 +168,8 @@ class Scheduler:
             if self._emit(req, logits[-1]):
                 self._batch.rows.append(req)
                 self._batch.lengths.append(len(req.seq.prompt_ids))
+            else:  # done at its first token: the slot it was prefilled into is free again
+                self.runtime.release(slot)
         self._admitting = []
         if any(len(req.seq.prompt_ids) >= LONG_PROMPT for req in new):
             release_free_memory()  # after the first tokens went out, so time to first token is unchanged
