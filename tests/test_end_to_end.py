@@ -48,3 +48,18 @@ def test_examples_from_the_readme(chatbot: LoadedModel) -> None:
         assert collect(run_sequence(chatbot.runtime, seq)).text == a
 
 
+
+
+def test_ignore_eos_generates_past_the_end_of_the_answer(chatbot: LoadedModel) -> None:
+    """The trained model ends its answer with </s>; with `ignore_eos` it keeps going to the limit,
+    and the answer is still the first part of the text."""
+    tok = chatbot.tokenizer
+    prompt = [tok.user_id, *tok.encode("12시 땡!"), tok.assistant_id]
+    ended = collect(run_sequence(chatbot.runtime, chatbot.new_sequence(
+        prompt, SamplingParams(max_new_tokens=40, do_sample=False))))
+    kept_on = collect(run_sequence(chatbot.runtime, chatbot.new_sequence(
+        prompt, SamplingParams(max_new_tokens=40, do_sample=False, ignore_eos=True))))
+    assert ended.reason == "stop" and len(ended.token_ids) < 40
+    assert kept_on.reason == "length" and len(kept_on.token_ids) == 40
+    assert list(kept_on.token_ids[:len(ended.token_ids)]) == list(ended.token_ids)
+    assert kept_on.token_ids[len(ended.token_ids)] == tok.eos_id  # it went on through the </s>

@@ -204,3 +204,15 @@ def test_api_layer_does_not_touch_tensors() -> None:  # guard: the API layer nev
     for mod in (app_mod, routes):
         assert "numpy" not in vars(mod) and "onnxruntime" not in vars(mod)
     assert np  # numpy is used by the tests, not the API
+
+
+async def test_ignore_eos_is_passed_to_the_engine(client: httpx.AsyncClient, ready_service: ModelService,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """`ignore_eos` (as llama.cpp's server has it) reaches the sampling parameters; off by default."""
+    seen = []
+    real = ready_service.submit
+    monkeypatch.setattr(ready_service, "submit", lambda ids, params: (seen.append(params), real(ids, params))[1])
+    for body in ({"prompt": "안녕", "max_new_tokens": 3}, {"prompt": "안녕", "max_new_tokens": 3, "ignore_eos": True}):
+        r = await client.post("/generate", json=body)
+        assert r.status_code == 200, r.text
+    assert [p.ignore_eos for p in seen] == [False, True]
