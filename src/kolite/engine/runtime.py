@@ -119,30 +119,38 @@ class GPT2Runtime:
         """Run a prompt into `slot` (its cache starts empty). Returns logits [1, vocab] for the last
         position, or [seq, vocab] when the graph was built with `all_logits`: `[-1]` is the next token's.
 
-        Long prompts go in chunks of `PREFILL_CHUNK` tokens, each attending to the cache the earlier
-        ones wrote. Why: attention's scratch is [heads, chunk, capacity] floats, so a whole 900-token
-        prompt needed ~43 MB of it per layer, and in chunks the prompt is also faster (the logits are
-        identical; KoGPT2 int8, 900 tokens: 300 -> 232 ms, peak RSS 396 -> 330 MB).
+        Long prompts go in chunks of `PREFILL_CHUNK` tokens (see `prefill_chunk`). Why: attention's
+        scratch is [heads, chunk, capacity] floats, so a whole 900-token prompt needed ~43 MB of it per
+        layer, and in chunks the prompt is also faster (the logits are identical; KoGPT2 int8, 900
+        tokens: 300 -> 232 ms, peak RSS 396 -> 330 MB).
         """
         n = len(ids)
         if not 0 < n <= self.capacity:
             raise ValueError(f"prompt of {n} tokens does not fit a slot of {self.capacity}")
-        tokens = np.asarray(ids, np.int64)
-        parts = []
-        for start in range(0, n, PREFILL_CHUNK):
-            end = min(n, start + PREFILL_CHUNK)
-            io = self.session.io_binding()
-            self._bind_cache(io, slice(slot, slot + 1))
-            feeds = self._feeds(tokens[None, start:end], np.arange(start, end, dtype=np.int64)[None, :],
-                                np.array([end - 1], np.int32), end)
-            for name, value in feeds.items():
-                io.bind_cpu_input(name, value)
-            io.bind_output("logits")
-            self.session.run_with_iobinding(io)
-            # Only the logits: `copy_outputs_to_cpu()` would also copy every bound cache buffer (a
-            # whole 75 MB slot for KoGPT2, ~25 ms) just to throw the copies away.
-            parts.append(io.get_outputs()[-1].numpy()[0])  # bound last
+        parts = [self.prefill_chunk(slot, ids, start) for start in range(0, n, PREFILL_CHUNK)]
         return np.concatenate(parts) if self._all_logits else parts[-1]
+
+    def prefill_chunk(self, slot: int, ids: Sequence[int], start: int) -> np.ndarray:
+        """Run prompt tokens `ids[start:start + PREFILL_CHUNK]` into `slot`, whose cache already holds
+        `ids[:start]`. Returns the logits of the chunk (its last position, unless `all_logits`).
+
+        The scheduler calls this between decode steps, so a long prompt never stalls the running
+        requests for longer than one chunk.
+        """
+        end = min(len(ids), start + PREFILL_CHUNK)
+        if not 0 <= start < end <= self.capacity:
+            raise ValueError(f"prompt tokens {start}..{end} do not fit a slot of {self.capacity}")
+        io = self.session.io_binding()
+        self._bind_cache(io, slice(slot, slot + 1))
+        feeds = self._feeds(np.asarray(ids[start:end], np.int64)[None, :],
+                            np.arange(start, end, dtype=np.int64)[None, :], np.array([end - 1], np.int32), end)
+        for name, value in feeds.items():
+            io.bind_cpu_input(name, value)
+        io.bind_output("logits")
+        self.session.run_with_iobinding(io)
+        # Only the logits: `copy_outputs_to_cpu()` would also copy every bound cache buffer (a whole
+        # 75 MB slot for KoGPT2, ~25 ms) just to throw the copies away.
+        return io.get_outputs()[-1].numpy()[0]  # bound last
 
     def decode(self, tokens: Sequence[int], lengths: Sequence[int]) -> np.ndarray:
         """One new token for each of slots 0..len(tokens)-1, whose caches hold `lengths` tokens.
