@@ -157,7 +157,7 @@ async def test_generation_failure_is_500_json(tiny_loaded: LoadedModel, tiny_mod
     def explode(*_a: object, **_k: object) -> None:
         raise RuntimeError("onnxruntime exploded")
 
-    monkeypatch.setattr(tiny_loaded.runtime, "prefill", explode)
+    monkeypatch.setattr(tiny_loaded.runtime, "prefill_chunk", explode)
     async with make_client(svc) as c:
         svc.wait_loaded(10)
         r = await c.post("/generate", json={"prompt": "hi"})

@@ -3,6 +3,8 @@
 Requests wait in a bounded queue. At every step the engine thread
 1. drops requests that were cancelled (their client went away) or ran past their deadline,
 2. admits waiting requests up to `max_batch`: each is prefilled into the next free cache slot,
+   at most `PREFILL_CHUNK` prompt tokens per step, so a long prompt is prefilled over several steps
+   while the running rows keep decoding (chunked prefill: nobody's stream stalls for a whole prompt),
 3. runs one decode step for every running row (each row has its own length; no padding) and hands
    each row's token to its request.
 A finished row leaves at once: the last row's cache moves into its slot, so running rows always
@@ -22,6 +24,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from kolite.engine import runtime as _runtime
 from kolite.engine.runtime import GPT2Runtime, release_free_memory
 from kolite.engine.sequence import Finish, Sequence, TokenEvent
 from kolite.errors import Overloaded
@@ -59,6 +62,15 @@ class Request:
 
 
 @dataclass
+class _Prefill:
+    """A request whose prompt is going into cache slot `slot`; `done` tokens of it are in so far."""
+
+    req: Request
+    slot: int
+    done: int = 0
+
+
+@dataclass
 class _Batch:
     """The running rows: row i lives in cache slot i and holds lengths[i] tokens."""
 
@@ -76,7 +88,7 @@ class Scheduler:
         self._waiting: collections.deque[Request] = collections.deque()
         self._cond = threading.Condition()
         self._batch = _Batch()
-        self._admitting: list[Request] = []
+        self._prefilling: _Prefill | None = None  # the prompt being prefilled, one chunk per step
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="kolite-engine", daemon=True)
         self.steps = 0  # decode steps run (for tests and metrics)
@@ -115,7 +127,7 @@ class Scheduler:
     def _run(self) -> None:
         while True:
             with self._cond:
-                while not self._stopping and not self._waiting and not self._batch.rows:
+                while not self._stopping and not self._waiting and not self._batch.rows and not self._prefilling:
                     self._cond.wait()
                 if self._stopping:
                     break
@@ -125,9 +137,10 @@ class Scheduler:
                 log.exception("engine step failed")
                 self._fail_all()
         with self._cond:
-            leftover = [*self._batch.rows, *self._waiting]
+            leftover = [*self._batch.rows, *self._waiting, *([self._prefilling.req] if self._prefilling else [])]
             self._batch = _Batch()
             self._waiting.clear()
+            self._prefilling = None
         for req in leftover:
             self._finish(req, "cancelled")
 
@@ -149,6 +162,11 @@ class Scheduler:
                 self._waiting.remove(r)
         for r in stale:
             self._finish(r, "timeout" if not r.cancelled.is_set() else "cancelled")
+        p = self._prefilling
+        if p is not None and gone(p.req):
+            self._prefilling = None
+            self._finish(p.req, "timeout" if not p.req.cancelled.is_set() else "cancelled")
+            self.runtime.release(p.slot)
         leaving = [i for i, r in enumerate(self._batch.rows) if gone(r)]
         for i in leaving:
             r = self._batch.rows[i]
@@ -156,22 +174,39 @@ class Scheduler:
         self._remove_rows(leaving)
 
     def _admit(self) -> None:
-        free = self.options.max_batch - len(self._batch.rows)
-        if free <= 0:
-            return
-        with self._cond:
-            new = [self._waiting.popleft() for _ in range(min(free, len(self._waiting)))]
-        self._admitting = new  # so a failing prefill fails these too
-        for req in new:
-            slot = len(self._batch.rows)
-            logits = self.runtime.prefill(slot, req.seq.prompt_ids)
-            if self._emit(req, logits[-1]):
-                self._batch.rows.append(req)
-                self._batch.lengths.append(len(req.seq.prompt_ids))
+        """Prefill waiting prompts, `PREFILL_CHUNK` tokens per step at most; each joins the batch as
+        soon as its whole prompt is in (short prompts: several in one step)."""
+        b = self._batch
+        budget = _runtime.PREFILL_CHUNK
+        admitted_long = False
+        while budget > 0:
+            p = self._prefilling
+            if p is None:
+                if len(b.rows) >= self.options.max_batch:
+                    break
+                with self._cond:
+                    if not self._waiting:
+                        break
+                    p = self._prefilling = _Prefill(self._waiting.popleft(), slot=len(b.rows))
+            elif p.slot != len(b.rows):  # rows left while it was prefilled: keep the slots packed
+                self.runtime.move(p.slot, len(b.rows), p.done)
+                self.runtime.release(p.slot)
+                p.slot = len(b.rows)
+            ids = p.req.seq.prompt_ids
+            logits = self.runtime.prefill_chunk(p.slot, ids, p.done)
+            step = min(len(ids) - p.done, _runtime.PREFILL_CHUNK)
+            p.done += step
+            budget -= step
+            if p.done < len(ids):
+                continue
+            admitted_long |= len(ids) >= LONG_PROMPT
+            if self._emit(p.req, logits[-1]):
+                b.rows.append(p.req)
+                b.lengths.append(len(ids))
             else:  # done at its first token: the slot it was prefilled into is free again
-                self.runtime.release(slot)
-        self._admitting = []
-        if any(len(req.seq.prompt_ids) >= LONG_PROMPT for req in new):
+                self.runtime.release(p.slot)
+            self._prefilling = None
+        if admitted_long:
             release_free_memory()  # after the first tokens went out, so time to first token is unchanged
 
     def _decode(self) -> None:
@@ -217,8 +252,8 @@ class Scheduler:
         req.done.set()
 
     def _fail_all(self) -> None:
-        rows, self._batch = self._batch.rows + self._admitting, _Batch()
-        self._admitting = []
+        rows, self._batch = self._batch.rows + ([self._prefilling.req] if self._prefilling else []), _Batch()
+        self._prefilling = None
         for r in rows:
             self._finish(r, "error")
 
