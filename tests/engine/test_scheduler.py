@@ -249,3 +249,40 @@ def test_long_prompt_is_prefilled_between_decode_steps(tiny_loaded: LoadedModel,
         sched.stop()
     # 10 chunks, one per step: the running request got a token at (nearly) every one of those steps
     assert tokens_of_a_at["first token of the long prompt"] - tokens_of_a_at["long prompt submitted"] >= 8
+
+
+def test_cancel_during_a_chunked_prefill(tiny_loaded: LoadedModel, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A request cancelled while its prompt is still going in stops within a chunk, gives its slot
+    back, and the next request is served normally."""
+    from kolite.engine import runtime as runtime_module
+
+    monkeypatch.setattr(runtime_module, "PREFILL_CHUNK", 2)
+    chunks = []
+    real = tiny_loaded.runtime.prefill_chunk
+
+    def slow_chunk(slot: int, ids: list[int], start: int) -> object:
+        chunks.append(start)
+        time.sleep(0.01)
+        return real(slot, ids, start)
+
+    monkeypatch.setattr(tiny_loaded.runtime, "prefill_chunk", slow_chunk)
+    released: list[int] = []
+    real_release = tiny_loaded.runtime.release
+    monkeypatch.setattr(tiny_loaded.runtime, "release", lambda slot: (released.append(slot), real_release(slot))[1])
+    long = [int(i) for i in np.arange(60) * 11 % 300 + 10]  # 30 chunks of 2
+    sched = Scheduler(tiny_loaded.runtime, SchedulerOptions(max_batch=2))
+    try:
+        sink = Collector()
+        req = sched.submit(tiny_loaded.new_sequence(long, SamplingParams(max_new_tokens=3)), sink)
+        while len(chunks) < 3:
+            time.sleep(0.001)
+        req.cancel()
+        finish = sink.finish
+        assert finish.reason == "cancelled" and finish.completion_tokens == 0
+        assert len(chunks) < 30 and released == [0]
+        nxt = Collector()
+        p = SamplingParams(max_new_tokens=3, do_sample=False, ignore_eos=True)
+        sched.submit(tiny_loaded.new_sequence(long[:5], p), nxt)
+        assert nxt.finish.completion_tokens == 3
+    finally:
+        sched.stop()
