@@ -1,6 +1,7 @@
 """An ONNX Runtime session over kolite's GPT-2 graph, with a KV cache that is never copied per step.
 
-The cache is one preallocated buffer per layer and kind, [slots, heads, capacity, head_dim]. A
+The cache is one preallocated buffer per layer and kind, [slots, heads, capacity, head_dim], in the
+dtype the graph declares (float16 for kolite's int8/int4 graphs, float32 for fp32). A
 sequence owns a slot (a row); the runtime binds the buffers as both `past` and `present`, so
 `GroupQueryAttention` writes each new key and value in place. Decoding `n` sequences uses slots
 0..n-1, a contiguous view, so no batch is ever assembled by copying. Pages of the buffers become
