@@ -211,6 +211,7 @@ def _summary(xs: list[float]) -> dict[str, float | list[float]]:
 
 
 def _decode_rate(stamps: list[float]) -> float:
+    """As `kolite.bench.decode_rate`, kept here so the reference engines' processes never import kolite."""
     if len(stamps) < 2 or stamps[-1] <= stamps[0]:
         return float("nan")
     return (len(stamps) - 1) / (stamps[-1] - stamps[0])
@@ -402,9 +403,8 @@ def _timed_runs(engine_call, prompt: Any, new_tokens: int, repeats: int) -> dict
 
 def worker_kolite(spec: dict) -> dict:
     t0 = time.perf_counter()
-    from kolite.engine.generate import run_sequence
+    from kolite.bench import time_sequence
     from kolite.engine.sampling import SamplingParams
-    from kolite.engine.sequence import Finish, TokenEvent
     from kolite.service import load_model
 
     t_import = time.perf_counter()
@@ -419,17 +419,8 @@ def worker_kolite(spec: dict) -> dict:
     def call(prompt_ids: list[int], n: int) -> dict:
         # ignore_eos: a random model may emit </s> or <usr> at any step; generate exactly n tokens
         seq = lm.new_sequence(prompt_ids, SamplingParams(max_new_tokens=n, do_sample=False, ignore_eos=True))
-        stamps: list[float] = []
-        finish = None
-        start = time.perf_counter()
-        for ev in run_sequence(lm.runtime, seq):
-            if isinstance(ev, TokenEvent):
-                stamps.append(time.perf_counter())
-            elif isinstance(ev, Finish):
-                finish = ev
-        end = time.perf_counter()
-        assert finish is not None and finish.completion_tokens == n, finish
-        return {"start": start, "end": end, "stamps": stamps, "ids": finish.token_ids}
+        t = time_sequence(lm.runtime, seq)
+        return {"start": t.start, "end": t.end, "stamps": t.stamps, "ids": t.token_ids}
 
     runs = _timed_runs(call, spec["prompt"]["ids"], spec["new_tokens"], spec["repeats"])
     so = lm.runtime.session.get_session_options()
@@ -442,11 +433,36 @@ def worker_kolite(spec: dict) -> dict:
     }
 
 
+def token_stamper() -> Any:
+    """A transformers streamer that timestamps each new token as `generate()` emits it (the first
+    `put()` is the prompt): `.times` and `.ids`. Imports transformers, so call it in its worker only."""
+    from transformers.generation.streamers import BaseStreamer
+
+    class Stamps(BaseStreamer):
+        def __init__(self) -> None:
+            self.prompt_seen = False
+            self.times: list[float] = []
+            self.ids: list[int] = []
+
+        def put(self, value: Any) -> None:
+            if not self.prompt_seen:
+                self.prompt_seen = True
+                return
+            now = time.perf_counter()
+            for tid in value.reshape(-1).tolist():
+                self.times.append(now)
+                self.ids.append(int(tid))
+
+        def end(self) -> None:
+            pass
+
+    return Stamps()
+
+
 def worker_pipeline(spec: dict) -> dict:
     t0 = time.perf_counter()
     import torch
     from transformers import PreTrainedTokenizerFast, pipeline
-    from transformers.generation.streamers import BaseStreamer
 
     t_import = time.perf_counter()
     mem_import = _memory()
@@ -463,28 +479,8 @@ def worker_pipeline(spec: dict) -> dict:
     # The pipeline encodes without special tokens (add_special_tokens=False in its preprocess).
     pipe_ids = tokenizer(text, add_special_tokens=False)["input_ids"]
 
-    class Stamps(BaseStreamer):
-        """Timestamps each new token as generate() emits it (the first put() is the prompt)."""
-
-        def __init__(self) -> None:
-            self.prompt_seen = False
-            self.times: list[float] = []
-            self.ids: list[int] = []
-
-        def put(self, value) -> None:
-            if not self.prompt_seen:
-                self.prompt_seen = True
-                return
-            now = time.perf_counter()
-            for tid in value.reshape(-1).tolist():
-                self.times.append(now)
-                self.ids.append(int(tid))
-
-        def end(self) -> None:
-            pass
-
     def call(prompt_text: str, n: int) -> dict:
-        streamer = Stamps()
+        streamer = token_stamper()
         start = time.perf_counter()
         generator(prompt_text, max_new_tokens=n, min_new_tokens=n, do_sample=False, streamer=streamer)
         end = time.perf_counter()

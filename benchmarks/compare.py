@@ -571,7 +571,6 @@ class TransformersEngine:
     def __init__(self, spec: dict) -> None:
         import torch
         from transformers import PreTrainedTokenizerFast, pipeline
-        from transformers.generation.streamers import BaseStreamer
 
         torch.set_num_threads(spec["threads"])
         special = {f"{k}_token": v for k, v in spec["hf_special"].items() if v}
@@ -581,26 +580,6 @@ class TransformersEngine:
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.torch = torch
 
-        class Stamps(BaseStreamer):
-            def __init__(self) -> None:
-                self.prompt_seen = False
-                self.times: list[float] = []
-                self.ids: list[int] = []
-
-            def put(self, value) -> None:
-                if not self.prompt_seen:  # the first put() is the prompt
-                    self.prompt_seen = True
-                    return
-                now = time.perf_counter()
-                for tid in value.reshape(-1).tolist():
-                    self.times.append(now)
-                    self.ids.append(int(tid))
-
-            def end(self) -> None:
-                pass
-
-        self.Stamps = Stamps
-
     def info(self) -> dict:
         return {"threads": self.torch.get_num_threads(), "interop_threads": self.torch.get_num_interop_threads(),
                 "dtype": str(self.model.dtype), "model_class": type(self.model).__name__,
@@ -609,7 +588,7 @@ class TransformersEngine:
 
     def greedy(self, ids: list[int], n: int) -> dict:
         torch = self.torch
-        streamer = self.Stamps()
+        streamer = core.token_stamper()
         x = torch.tensor([ids], dtype=torch.long)
         start = time.perf_counter()
         with torch.inference_mode():

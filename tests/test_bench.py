@@ -184,7 +184,7 @@ def ids_only_model(tiny_1024_dir: Path, tmp_path_factory: pytest.TempPathFactory
 
     settings = ModelSettings(model=str(tiny_1024_dir), kolite_home=tmp_path_factory.mktemp("home"), threads=1)
     prepared = prepare_model(settings)
-    assert not bench.has_tokenizer(prepared)
+    assert not prepared.files.has_tokenizer
     return bench.open_model(settings, with_tokenizer=False)
 
 

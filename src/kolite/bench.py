@@ -473,11 +473,6 @@ class BenchModel:
         return GenSequence(prompt_ids, params, self.tokenizer, self.n_positions)
 
 
-def has_tokenizer(prepared: PreparedModel) -> bool:
-    files = prepared.files
-    return files.tokenizer is not None or (files.vocab is not None and files.merges is not None)
-
-
 def open_model(settings: ModelSettings, *, with_tokenizer: bool) -> BenchModel:
     """Open the converted graph (call after setup converted it) and time it: a `serve` start's load.
 
@@ -514,18 +509,20 @@ class Timed:
     start: float
     stamps: list[float]  # perf_counter() as each token's event arrived
     end: float
+    token_ids: tuple[int, ...] = ()
 
 
-def timed_generation(model: BenchModel, prompt: list[int], new_tokens: int) -> Timed:
-    """One request through the batch-1 serving loop (`run_sequence`), timestamping each token."""
+def time_sequence(runtime: GPT2Runtime, seq: GenSequence) -> Timed:
+    """Run `seq` through the batch-1 serving loop (`run_sequence`), timestamping each token; it must
+    produce all of its `max_new_tokens` (benchmarks compare fixed amounts of work)."""
     from kolite.engine.generate import run_sequence
     from kolite.engine.sequence import Finish, TokenEvent
 
-    seq = model.sequence(prompt, new_tokens)
+    new_tokens = seq.params.max_new_tokens
     stamps: list[float] = []
     finish = None
     start = time.perf_counter()
-    for ev in run_sequence(model.runtime, seq):
+    for ev in run_sequence(runtime, seq):
         if isinstance(ev, TokenEvent):
             stamps.append(time.perf_counter())
         elif isinstance(ev, Finish):
@@ -533,7 +530,12 @@ def timed_generation(model: BenchModel, prompt: list[int], new_tokens: int) -> T
     end = time.perf_counter()
     if finish is None or finish.completion_tokens != new_tokens or len(stamps) != new_tokens:
         raise RuntimeError(f"asked for {new_tokens} tokens, got {len(stamps)} ({finish})")
-    return Timed(start, stamps, end)
+    return Timed(start, stamps, end, finish.token_ids)
+
+
+def timed_generation(model: BenchModel, prompt: list[int], new_tokens: int) -> Timed:
+    """One request of `model`, greedy and `ignore_eos`, timed token by token (see `time_sequence`)."""
+    return time_sequence(model.runtime, model.sequence(prompt, new_tokens))
 
 
 def decode_rate(stamps: Sequence[float]) -> float:
@@ -690,7 +692,7 @@ def run_bench(settings: ModelSettings, options: BenchOptions | None = None, *, r
     # --- load from the converted cache --------------------------------------------------------------
     say("loading from the converted cache ...")
     load_settings = settings.model_copy(update={"local_files_only": True})  # already resolved: no hub call
-    model = open_model(load_settings, with_tokenizer=has_tokenizer(prepared))
+    model = open_model(load_settings, with_tokenizer=prepared.files.has_tokenizer)
     if model.prepared.converted:  # pragma: no cover - setup converted it just before
         say("WARNING: the model was converted again during the timed load")
     cfg = model.cfg
@@ -720,7 +722,7 @@ def run_bench(settings: ModelSettings, options: BenchOptions | None = None, *, r
     # --- measurements -------------------------------------------------------------------------------
     say("warm-up ...")
     longest = _fit(max((*opts.contexts, *opts.ttft_prompts)), model.n_positions, 5)
-    timed_generation(model, prompt_ids(longest, model.id_limit, seed=9), 4)  # grows the arena to its largest
+    timed_generation(model, prompt_ids(longest, model.id_limit, seed=9), 4)  # the longest shapes run once
     timed_generation(model, prompt_ids(opts.short_prompt, model.id_limit, seed=9), 8)
     phase_done(f"warm-up ({longest}-token prompt)")
 

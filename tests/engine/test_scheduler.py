@@ -260,10 +260,10 @@ def test_cancel_during_a_chunked_prefill(tiny_loaded: LoadedModel, monkeypatch: 
     chunks = []
     real = tiny_loaded.runtime.prefill_chunk
 
-    def slow_chunk(slot: int, ids: list[int], start: int) -> object:
+    def slow_chunk(slot: int, ids: list[int], start: int, end: int) -> object:
         chunks.append(start)
         time.sleep(0.01)
-        return real(slot, ids, start)
+        return real(slot, ids, start, end)
 
     monkeypatch.setattr(tiny_loaded.runtime, "prefill_chunk", slow_chunk)
     released: list[int] = []

@@ -128,18 +128,18 @@ class GPT2Runtime:
         n = len(ids)
         if not 0 < n <= self.capacity:
             raise ValueError(f"prompt of {n} tokens does not fit a slot of {self.capacity}")
-        parts = [self.prefill_chunk(slot, ids, start) for start in range(0, n, PREFILL_CHUNK)]
+        parts = [self.prefill_chunk(slot, ids, start, min(n, start + PREFILL_CHUNK))
+                 for start in range(0, n, PREFILL_CHUNK)]
         return np.concatenate(parts) if self._all_logits else parts[-1]
 
-    def prefill_chunk(self, slot: int, ids: Sequence[int], start: int) -> np.ndarray:
-        """Run prompt tokens `ids[start:start + PREFILL_CHUNK]` into `slot`, whose cache already holds
-        `ids[:start]`. Returns the logits of the chunk (its last position, unless `all_logits`).
+    def prefill_chunk(self, slot: int, ids: Sequence[int], start: int, end: int) -> np.ndarray:
+        """Run prompt tokens `ids[start:end]` into `slot`, whose cache already holds `ids[:start]`.
+        Returns the logits of the chunk (its last position, unless `all_logits`).
 
         The scheduler calls this between decode steps, so a long prompt never stalls the running
         requests for longer than one chunk.
         """
-        end = min(len(ids), start + PREFILL_CHUNK)
-        if not 0 <= start < end <= self.capacity:
+        if not 0 <= start < end <= min(len(ids), self.capacity):
             raise ValueError(f"prompt tokens {start}..{end} do not fit a slot of {self.capacity}")
         io = self.session.io_binding()
         self._bind_cache(io, slice(slot, slot + 1))

@@ -193,10 +193,10 @@ class Scheduler:
                 self.runtime.release(p.slot)
                 p.slot = len(b.rows)
             ids = p.req.seq.prompt_ids
-            logits = self.runtime.prefill_chunk(p.slot, ids, p.done)
-            step = min(len(ids) - p.done, _runtime.PREFILL_CHUNK)
-            p.done += step
-            budget -= step
+            end = min(len(ids), p.done + budget)
+            logits = self.runtime.prefill_chunk(p.slot, ids, p.done, end)
+            budget -= end - p.done
+            p.done = end
             if p.done < len(ids):
                 continue
             admitted_long |= len(ids) >= LONG_PROMPT

@@ -73,6 +73,7 @@ class Sequence:
         self._decoder = tokenizer.incremental_decoder(self.prompt_ids)
         self._stop_ids = frozenset() if params.ignore_eos else frozenset(tokenizer.stop_ids) | params.stop_token_ids
         self._stops = tuple(s for s in params.stop if s)
+        self._longest_stop = max(map(len, self._stops), default=0)
         self._seen: set[int] = set(prompt_ids)
         self.text = ""  # generated text so far (before stop-string truncation)
         self._released = 0  # characters of self.text already handed out
@@ -112,8 +113,7 @@ class Sequence:
     def _cut_at_stop_string(self) -> bool:
         if not self._stops:
             return False
-        longest = max(len(s) for s in self._stops)
-        start = max(0, self._released - longest)
+        start = max(0, self._released - self._longest_stop)
         hits = [i for i in (self.text.find(s, start) for s in self._stops) if i >= 0]
         if not hits:
             return False

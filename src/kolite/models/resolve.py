@@ -48,9 +48,13 @@ class ModelFiles:
     revision: str  # "local" for folders, else the snapshot's commit hash
     repo_id: str | None
 
-    def check_tokenizer(self) -> None:
+    @property
+    def has_tokenizer(self) -> bool:
         """Serving needs a tokenizer: tokenizer.json, or GPT-2's vocab.json + merges.txt."""
-        if self.tokenizer is None and (self.vocab is None or self.merges is None):
+        return self.tokenizer is not None or (self.vocab is not None and self.merges is not None)
+
+    def check_tokenizer(self) -> None:
+        if not self.has_tokenizer:
             raise ModelFormatError(
                 f"{self.name} has no tokenizer: it needs tokenizer.json, or vocab.json and merges.txt")
 
