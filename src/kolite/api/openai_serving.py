@@ -27,23 +27,14 @@ from kolite.api.openai_protocol import (
     new_id,
     now,
 )
-from kolite.api.protocol import Usage
+from kolite.api.protocol import Usage, finish_reason_of, usage_of
 from kolite.chat.prompt import build_chat_prompt
 from kolite.engine.sampling import SamplingParams
-from kolite.engine.sequence import Finish, TokenEvent
+from kolite.engine.sequence import TokenEvent
 from kolite.errors import InvalidRequest, KoliteError, ModelNotFound
 from kolite.service import EventStream, ModelService
 
 CHAT_ANSWER_RESERVE = 256  # tokens kept free for the answer when a chat request gives no max_tokens
-
-
-def usage_of(finish: Finish) -> Usage:
-    return Usage(prompt_tokens=finish.prompt_tokens, completion_tokens=finish.completion_tokens,
-                 total_tokens=finish.prompt_tokens + finish.completion_tokens)
-
-
-def openai_finish_reason(finish: Finish) -> str:
-    return "length" if finish.reason == "length" else "stop"
 
 
 def error_payload(exc: Exception) -> str:
@@ -128,13 +119,13 @@ class OpenAIServing:
     # engine -> answers -------------------------------------------------------------------------
     async def completion(self, req: CompletionRequest, stream: EventStream, prepared: Prepared) -> CompletionResponse:
         finish = await stream.result()
-        choice = CompletionChoice(text=prepared.echo_text + finish.text, finish_reason=openai_finish_reason(finish))
+        choice = CompletionChoice(text=prepared.echo_text + finish.text, finish_reason=finish_reason_of(finish))
         return CompletionResponse(id=new_id("cmpl"), created=now(), model=req.model, usage=usage_of(finish),
                                   choices=[choice])
 
     async def chat(self, req: ChatCompletionRequest, stream: EventStream) -> ChatCompletionResponse:
         finish = await stream.result()
-        choice = ChatChoice(message=ChatMessageOut(content=finish.text), finish_reason=openai_finish_reason(finish))
+        choice = ChatChoice(message=ChatMessageOut(content=finish.text), finish_reason=finish_reason_of(finish))
         return ChatCompletionResponse(id=new_id("chatcmpl"), created=now(), model=req.model, usage=usage_of(finish),
                                       choices=[choice])
 
@@ -158,7 +149,7 @@ class OpenAIServing:
                 if event.text:
                     yield chunk(event.text, None)
             else:
-                yield chunk("", openai_finish_reason(event))
+                yield chunk("", finish_reason_of(event))
                 if req.include_usage:
                     yield chunk("", None, usage_of(event), choices=False)
 
@@ -175,6 +166,6 @@ class OpenAIServing:
                 if event.text:
                     yield chunk([ChatChunkChoice(delta=ChatDelta(content=event.text))])
             else:
-                yield chunk([ChatChunkChoice(delta=ChatDelta(), finish_reason=openai_finish_reason(event))])
+                yield chunk([ChatChunkChoice(delta=ChatDelta(), finish_reason=finish_reason_of(event))])
                 if req.include_usage:
                     yield chunk([], usage_of(event))

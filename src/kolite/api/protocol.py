@@ -11,6 +11,8 @@ from typing import Literal
 
 from pydantic import BaseModel, Field, field_validator
 
+from kolite.engine.sequence import Finish
+
 DEFAULT_NEW_TOKENS = 64
 LENGTH_LIMIT = 32768  # a sanity bound; the model's own context window is checked per request
 
@@ -66,6 +68,16 @@ class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+
+
+def usage_of(finish: Finish) -> Usage:
+    return Usage(prompt_tokens=finish.prompt_tokens, completion_tokens=finish.completion_tokens,
+                 total_tokens=finish.prompt_tokens + finish.completion_tokens)
+
+
+def finish_reason_of(finish: Finish) -> Literal["stop", "length"]:
+    """What both APIs report: `length` at the token limit, `stop` for everything that ended it early."""
+    return "length" if finish.reason == "length" else "stop"
 
 
 class GenerateResponse(BaseModel):

@@ -10,7 +10,14 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from sse_starlette.sse import EventSourceResponse
 
-from kolite.api.protocol import DEFAULT_NEW_TOKENS, GenerateRequest, GenerateResponse, StatusResponse, Usage
+from kolite.api.protocol import (
+    DEFAULT_NEW_TOKENS,
+    GenerateRequest,
+    GenerateResponse,
+    StatusResponse,
+    finish_reason_of,
+    usage_of,
+)
 from kolite.api.streaming import sse_response, until_disconnect
 from kolite.engine.sampling import SamplingParams
 from kolite.engine.sequence import Finish
@@ -53,12 +60,8 @@ def new_token_budget(req: GenerateRequest, prompt_tokens: int) -> int:
 
 
 def _response(req: GenerateRequest, finish: Finish) -> GenerateResponse:
-    return GenerateResponse(
-        input_prompt=req.prompt, generated_text=finish.text,
-        finish_reason="length" if finish.reason == "length" else "stop",
-        usage=Usage(prompt_tokens=finish.prompt_tokens, completion_tokens=finish.completion_tokens,
-                    total_tokens=finish.prompt_tokens + finish.completion_tokens),
-    )
+    return GenerateResponse(input_prompt=req.prompt, generated_text=finish.text,
+                            finish_reason=finish_reason_of(finish), usage=usage_of(finish))
 
 
 @router.post("/generate", response_model=GenerateResponse)
