@@ -34,6 +34,7 @@ import psutil
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import bench_core  # noqa: E402  (shares the checkpoint, tokenizer and machine description)
+from kolite.bench import peak_rss_mb, reset_peak_rss, rss_mb  # noqa: E402  (any process's memory, by pid)
 
 
 def _free_port() -> int:
@@ -49,22 +50,6 @@ def _start_server(model_dir: Path, home: Path, port: int, args: argparse.Namespa
            "KOLITE_SERVED_MODEL_NAME": "bench", "KOLITE_LOG_LEVEL": "warning"}
     return subprocess.Popen([sys.executable, "-m", "kolite.cli", "serve"], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-
-
-def _status_mb(pid: int) -> dict[str, float]:
-    """VmRSS and VmHWM (the high-water mark) of a process, in MB."""
-    with open(f"/proc/{pid}/status") as fh:
-        return {k: round(int(v.split()[0]) / 1024, 1) for k, v in (line.split(":", 1) for line in fh)
-                if k in ("VmRSS", "VmHWM")}
-
-
-def _reset_peak(pid: int) -> None:
-    """Start VmHWM afresh (Linux: writing 5 to clear_refs), so the serving peak excludes loading."""
-    try:
-        with open(f"/proc/{pid}/clear_refs", "w") as fh:
-            fh.write("5")
-    except OSError:
-        print("note: cannot reset the server's peak RSS; it includes loading", file=sys.stderr)
 
 
 def _cpu_seconds(server: psutil.Process) -> tuple[float, float]:
@@ -159,8 +144,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         _wait_ready(base, proc)
         server = psutil.Process(proc.pid)
-        ready = _status_mb(proc.pid)  # RSS when READY, and the start's peak (a first start also converts)
-        _reset_peak(proc.pid)  # from here VmHWM is the serving peak alone
+        # RSS when READY, and the start's peak (a first start also converts); then VmHWM starts afresh,
+        # so the serving peak excludes loading
+        ready = {"VmRSS": rss_mb(proc.pid), "VmHWM": peak_rss_mb(proc.pid)}
+        if not reset_peak_rss(proc.pid):
+            print("note: cannot reset the server's peak RSS; it includes loading", file=sys.stderr)
         asyncio.run(_level(base, prompts, 1, 16))  # warm-up
         results = []
         for clients in levels:
@@ -176,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
                 peak_rss = max(peak_rss, server.memory_info().rss)
             results.append(best)
             print(f"{clients} clients: {best['aggregate_tokens_per_s']:.1f} tok/s aggregate", file=sys.stderr)
-        hwm = _status_mb(proc.pid)["VmHWM"]
+        hwm = peak_rss_mb(proc.pid) or 0.0
     finally:
         proc.terminate()
         try:

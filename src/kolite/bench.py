@@ -203,40 +203,43 @@ def machine_info(threads: int) -> dict[str, Any]:
 # memory: peak RSS and read bandwidth
 
 
-def _status_kb(field: str) -> int | None:
-    for line in (_read("/proc/self/status") or "").splitlines():
+def _status_kb(field: str, pid: int | str = "self") -> int | None:
+    for line in (_read(f"/proc/{pid}/status") or "").splitlines():
         if line.startswith(field + ":"):
             return int(line.split()[1])
     return None
 
 
-def rss_mb() -> float | None:
-    """Resident memory now (VmRSS), MB."""
-    kb = _status_kb("VmRSS")
+def rss_mb(pid: int | str = "self") -> float | None:
+    """Resident memory now (VmRSS), MB, of this process or of `pid` (a server under test)."""
+    kb = _status_kb("VmRSS", pid)
     return None if kb is None else round(kb / 1024, 1)
 
 
-def peak_rss_mb() -> float | None:
-    """This process's resident high-water mark (VmHWM), MB: what the board must have free.
+def peak_rss_mb(pid: int | str = "self") -> float | None:
+    """The resident high-water mark (VmHWM), MB: what the board must have free.
 
-    Off Linux, getrusage's ru_maxrss (which cannot be reset, so it includes setup).
+    Off Linux, this process's getrusage ru_maxrss (which cannot be reset, so it includes setup).
     """
-    kb = _status_kb("VmHWM")
+    kb = _status_kb("VmHWM", pid)
     if kb is not None:
         return round(kb / 1024, 1)
+    if pid != "self":
+        return None
     maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return round(maxrss / (MB if sys.platform == "darwin" else 1024), 1)
 
 
-def reset_peak_rss() -> bool:
-    """Reset VmHWM to the current RSS (Linux >= 4.0: write 5 to /proc/self/clear_refs).
+def reset_peak_rss(pid: int | str = "self") -> bool:
+    """Reset VmHWM to the current RSS (Linux >= 4.0: write 5 to /proc/PID/clear_refs).
 
     Conversion (and writing random weights) needs far more memory than serving; without the reset the
     serving peak would just repeat the conversion's. Returns False where the kernel does not allow it.
     """
-    gc.collect()
+    if pid == "self":
+        gc.collect()
     try:
-        with open("/proc/self/clear_refs", "w", encoding="ascii") as fh:
+        with open(f"/proc/{pid}/clear_refs", "w", encoding="ascii") as fh:
             fh.write("5")
     except OSError:
         return False
