@@ -263,25 +263,12 @@ def _model_shape(quick: bool):
 
 def _ensure_checkpoint(folder: Path, shape, tokenizer_json: Path) -> tuple[bool, float]:
     """Write the random checkpoint once; reuse it while shape, seed and tokenizer are unchanged."""
-    from kolite.models.synthetic import write_checkpoint
+    from kolite.models.synthetic import ensure_checkpoint
 
     stamp = {"shape": shape.to_dict(), "seed": SEED, "tokenizer_sha256": _sha256(tokenizer_json)}
-    stamp_file = folder / "bench-stamp.json"
-    with contextlib.suppress(OSError, json.JSONDecodeError):
-        if json.loads(stamp_file.read_text(encoding="utf-8")) == stamp and (folder / "model.safetensors").is_file():
-            return False, 0.0
     started = time.perf_counter()
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
-    try:
-        write_checkpoint(tmp, shape, seed=SEED, tokenizer_json=tokenizer_json)
-        (tmp / "bench-stamp.json").write_text(json.dumps(stamp, indent=2), encoding="utf-8")
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(tmp, folder)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return True, time.perf_counter() - started
+    written = ensure_checkpoint(folder, shape, seed=SEED, stamp=stamp, tokenizer_json=tokenizer_json)
+    return written, (time.perf_counter() - started if written else 0.0)
 
 
 def _build_prompt(tokenizer_json: Path, n_tokens: int) -> dict[str, Any]:

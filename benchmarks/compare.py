@@ -616,15 +616,6 @@ def _open_engine(spec: dict):
 # worker: correctness (llama.cpp against kolite fp32 on the same ids)
 
 
-def _leading(a: list[int], b: list[int]) -> int:
-    n = 0
-    for x, y in zip(a, b, strict=False):
-        if x != y:
-            break
-        n += 1
-    return n
-
-
 STRICT = "F32 GGUF, F32 KV cache, flash-attn off"
 CHECK_VARIANTS = {  # label: (GGUF, F32 KV cache, flash_attn_type or None for llama.cpp's default)
     STRICT: ("F32", True, 0),
@@ -713,7 +704,7 @@ def worker_check(spec: dict) -> dict:
             "median_step_max_abs_diff": round(float(np.median(diffs)), 6),
             f"max_abs_diff_after_{len(prompts['ttft'])}_token_prompt": round(ttft_diff, 6),
             "teacher_forced_top1_agreement": top1,
-            "free_greedy_leading_agreement": _leading(free["ids"], ref["ids"]),
+            "free_greedy_leading_agreement": core._agreement(free["ids"], ref["ids"]),
             "free_greedy_equal_positions": sum(int(a == b) for a, b in zip(free["ids"], ref["ids"], strict=False)),
             "flash_attn": _llama_log_lines(("flash_attn",))[-1:] or None,
         }
@@ -1100,12 +1091,12 @@ def run_model(model: str, args: argparse.Namespace, base: dict, scratch: Path, i
 
     n = spec["agree_tokens"]
     ref = check["kolite_fp32_ids"]
-    mres["greedy_agreement"] = {e: _leading(r["generated_ids"][:n], ref)
+    mres["greedy_agreement"] = {e: core._agreement(r["generated_ids"][:n], ref)
                                 for e, r in results.items() if "generated_ids" in r}
     mres["greedy_agreement"]["llama-F32 (check, strict)"] = check["variants"][STRICT]["free_greedy_leading_agreement"]
     # batch invariance: row 0 of the batched run has the same prompt as the batch-1 run
     mres["batch_row0_equals_batch1"] = {
-        e: _leading(r["batched"]["generated_ids"][0][:n], r["generated_ids"][:n])
+        e: core._agreement(r["batched"]["generated_ids"][0][:n], r["generated_ids"][:n])
         for e, r in results.items() if "generated_ids" in r and "generated_ids" in r.get("batched", {})}
     mres["table_markdown"] = render_tables(mres, args)
     return mres

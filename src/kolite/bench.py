@@ -44,7 +44,6 @@ import resource
 import shutil
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -382,33 +381,19 @@ def ensure_random_checkpoint(home: Path, shape_name: str, *, cache_dir: Path | N
     conversion cache keys on the weights file's size and mtime). Written to a temporary folder and
     renamed, so an interrupted write is never mistaken for a checkpoint.
     """
-    from kolite.models.synthetic import write_checkpoint
+    from kolite.models.synthetic import ensure_checkpoint
 
     if shape_name not in RANDOM_SHAPES:
         raise ValueError(f"unknown shape {shape_name!r}; choose from {', '.join(sorted(RANDOM_SHAPES))}")
     cfg = RANDOM_SHAPES[shape_name]
     say = progress or (lambda _msg: None)
     folder = Path(home) / "random-weights" / shape_name
-    stamp = {"shape": cfg.to_dict(), "seed": RANDOM_SEED}
-    written, seconds = False, 0.0
-    current = None
-    with contextlib.suppress(OSError, json.JSONDecodeError):
-        current = json.loads((folder / "bench-stamp.json").read_text(encoding="utf-8"))
-    if current != stamp or not (folder / "model.safetensors").is_file():
-        say(f"writing a random-weight {shape_name} checkpoint ({parameter_count(cfg) / 1e6:.0f}M parameters) "
+    started = time.perf_counter()
+    written = ensure_checkpoint(folder, cfg, seed=RANDOM_SEED, stamp={"shape": cfg.to_dict(), "seed": RANDOM_SEED})
+    seconds = time.perf_counter() - started if written else 0.0
+    if written:
+        say(f"wrote a random-weight {shape_name} checkpoint ({parameter_count(cfg) / 1e6:.0f}M parameters) "
             f"to {folder}")
-        started = time.perf_counter()
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{shape_name}.tmp-", dir=folder.parent))
-        try:
-            write_checkpoint(tmp, cfg, seed=RANDOM_SEED)
-            (tmp / "bench-stamp.json").write_text(json.dumps(stamp, indent=2), encoding="utf-8")
-            if folder.exists():
-                shutil.rmtree(folder)
-            os.replace(tmp, folder)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-        written, seconds = True, time.perf_counter() - started
         gc.collect()
     source = None
     if (folder / "tokenizer.json").is_file():

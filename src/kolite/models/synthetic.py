@@ -6,8 +6,11 @@ tied embeddings and file layout are real; only the numbers are random.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -85,3 +88,30 @@ def write_checkpoint(
     for name, text in (extra_files or {}).items():
         (folder / name).write_text(text, encoding="utf-8")
     return folder
+
+
+STAMP = "bench-stamp.json"
+
+
+def ensure_checkpoint(folder: Path, cfg: GPT2Config, *, seed: int, stamp: dict,
+                      tokenizer_json: Path | None = None) -> bool:
+    """A random checkpoint in `folder`, written once: `stamp` (say, shape and seed) is stored beside it
+    and the folder is reused while it matches, so its converted graphs are reused too. Written into
+    a temporary folder and renamed, so an interrupted write is never taken for a checkpoint.
+    Returns True when it wrote one."""
+    folder = Path(folder)
+    with contextlib.suppress(OSError, json.JSONDecodeError):
+        current = json.loads((folder / STAMP).read_text(encoding="utf-8"))
+        if current == stamp and (folder / "model.safetensors").is_file():
+            return False
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
+    try:
+        write_checkpoint(tmp, cfg, seed=seed, tokenizer_json=tokenizer_json)
+        (tmp / STAMP).write_text(json.dumps(stamp, indent=2), encoding="utf-8")
+        if folder.exists():
+            shutil.rmtree(folder)
+        os.replace(tmp, folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return True
