@@ -54,7 +54,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from kolite import __version__
-from kolite.config import ModelSettings
+from kolite.config import ModelSettings, default_threads
+from kolite.engine.cpu import detect
 from kolite.models.gpt2config import GPT2Config
 from kolite.models.synthetic import DISTILGPT2_SHAPE, KOGPT2_SHAPE
 
@@ -115,30 +116,9 @@ def _read(path: str) -> str | None:
         return None
 
 
-# ARM's CPU part numbers (/proc/cpuinfo "CPU part", implementer 0x41): arm64 kernels print no model name.
-_ARM_PARTS = {
-    0xD03: "Cortex-A53", 0xD04: "Cortex-A35", 0xD05: "Cortex-A55", 0xD07: "Cortex-A57", 0xD08: "Cortex-A72",
-    0xD09: "Cortex-A73", 0xD0A: "Cortex-A75", 0xD0B: "Cortex-A76", 0xD0C: "Neoverse-N1", 0xD0D: "Cortex-A77",
-    0xD40: "Neoverse-V1", 0xD41: "Cortex-A78", 0xD44: "Cortex-X1", 0xD46: "Cortex-A510", 0xD47: "Cortex-A710",
-    0xD49: "Neoverse-N2", 0xD4F: "Neoverse-V2", 0xD80: "Cortex-A520", 0xD81: "Cortex-A720",
-}
-
-
 def cpu_model() -> str:
-    """The CPU's name: x86 prints a model name; arm64 (a Pi) only part numbers, mapped to core names."""
-    info = _read("/proc/cpuinfo") or ""
-    fields: dict[str, str] = {}
-    for line in info.splitlines():
-        key, sep, value = line.partition(":")
-        if sep:
-            fields.setdefault(key.strip().lower(), value.strip())
-    name = fields.get("model name", "")
-    if name and not name.startswith("ARMv"):  # 32-bit Pi OS says "ARMv7 Processor rev 3 (v7l)"
-        return name
-    with contextlib.suppress(ValueError, KeyError):
-        if int(fields["cpu implementer"], 16) == 0x41 and int(fields["cpu part"], 16) in _ARM_PARTS:
-            return "ARM " + _ARM_PARTS[int(fields["cpu part"], 16)]
-    return name or fields.get("hardware") or platform.processor() or platform.machine() or "unknown"
+    """The CPU's name (arm64 part numbers mapped to core names, see `kolite.engine.cpu`)."""
+    return detect().model or platform.processor() or platform.machine() or "unknown"
 
 
 def board_model() -> str | None:
@@ -168,10 +148,8 @@ def last_level_cache_bytes() -> int | None:
 
 
 def usable_cpus() -> int:
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # pragma: no cover - non-Linux
-        return max(1, os.cpu_count() or 1)
+    """CPUs this process may use: the affinity mask and the cgroup quota (the default thread count)."""
+    return default_threads()
 
 
 def machine_info(threads: int) -> dict[str, Any]:
@@ -181,6 +159,7 @@ def machine_info(threads: int) -> dict[str, Any]:
 
     return {
         "cpu": cpu_model(),
+        "cpu_features": detect().to_dict(),
         "board": board_model(),
         "arch": platform.machine(),
         "cores": os.cpu_count(),
@@ -687,7 +666,8 @@ def run_bench(settings: ModelSettings, options: BenchOptions | None = None, *, r
     report["model"] = {
         "name": f"random weights, {random_weights} shape" if random_weights else settings.model,
         "path": str(model.prepared.files.root), "precision": model.prepared.precision,
-        "int8_scheme": model.prepared.manifest.get("int8_scheme"), "threads": settings.threads,
+        "int8_scheme": model.prepared.manifest.get("int8_scheme"),
+        "int8_weights": model.prepared.manifest.get("int8_weights"), "threads": settings.threads,
         "shape": {k: getattr(cfg, k) for k in ("n_layer", "n_embd", "n_head", "vocab_size", "n_positions")},
         "parameters": parameter_count(cfg), "graph": str(model.prepared.graph),
         "graph_mb": round(weights["graph_file_bytes"] / MB, 1), "tokenizer": model.tokenizer_kind,

@@ -6,6 +6,7 @@ llama-cpp-python, so `kolite pull` needs only the first and `kolite serve` both.
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import Literal
@@ -14,16 +15,74 @@ from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_MODEL = "skt/kogpt2-base-v2"
-Precision = Literal["int8", "int4", "fp32"]
+Precision = Literal["auto", "int8", "int4", "fp32"]
 Int8Scheme = Literal["per-token", "ort-dynamic"]
+Int8WeightsSetting = Literal["auto", "s8", "u8"]
 
 
 def default_threads() -> int:
-    """Intra-op threads: one per CPU this process may run on (a Pi 4 has 4 cores)."""
+    """Intra-op threads: one per CPU this process may use (a Pi 4 has 4 cores).
+
+    Both limits count: the affinity mask (taskset, cpusets) and the cgroup CPU quota (`docker run
+    --cpus 2`, a Kubernetes CPU limit), which leaves every core visible but throttles the process;
+    more threads than the quota allows spin against each other and run slower.
+    """
     try:
-        return max(1, len(os.sched_getaffinity(0)))
+        cpus = len(os.sched_getaffinity(0))
     except AttributeError:  # pragma: no cover - non-Linux
-        return max(1, os.cpu_count() or 1)
+        cpus = os.cpu_count() or 1
+    quota = cgroup_cpu_limit()
+    return max(1, min(cpus, quota) if quota else cpus)
+
+
+def cgroup_cpu_limit(root: Path = Path("/sys/fs/cgroup"), proc_cgroup: Path = Path("/proc/self/cgroup")) -> int | None:
+    """CPUs allowed by this process's cgroup quota (rounded up), or None when unlimited or unknown.
+
+    cgroup v2: `cpu.max` ("QUOTA PERIOD" or "max PERIOD") in the process's cgroup and each parent up to
+    the mount; cgroup v1: `cpu.cfs_quota_us` / `cpu.cfs_period_us`. The smallest limit wins.
+    """
+    try:
+        lines = proc_cgroup.read_text(encoding="utf-8").splitlines()
+    except OSError:
+        return None
+    limits: list[float] = []
+    for line in lines:
+        _, controllers, path = [*line.split(":", 2), "", ""][:3]
+        rel = path.strip().lstrip("/")
+        if controllers == "":  # v2 unified hierarchy
+            base, files = root, ("cpu.max",)
+        elif "cpu" in controllers.split(","):
+            base = next((root / d for d in ("cpu,cpuacct", "cpu", "cpuacct,cpu") if (root / d).is_dir()), root / "cpu")
+            files = ("cpu.cfs_quota_us", "cpu.cfs_period_us")
+        else:
+            continue
+        folder = base / rel
+        while True:
+            limit = _read_quota(folder, files)
+            if limit:
+                limits.append(limit)
+            if folder == base or base not in folder.parents:
+                break
+            folder = folder.parent
+    if not limits:
+        return None
+    return max(1, math.ceil(min(limits) - 1e-9))
+
+
+def _read_quota(folder: Path, files: tuple[str, ...]) -> float | None:
+    try:
+        if len(files) == 1:
+            quota, period = (folder / files[0]).read_text(encoding="utf-8").split()[:2]
+        else:
+            quota, period = ((folder / f).read_text(encoding="utf-8").strip() for f in files)
+    except (OSError, ValueError):
+        return None
+    if quota in ("max", "-1") or not period.isdigit() or int(period) == 0:
+        return None
+    try:
+        return int(quota) / int(period)
+    except ValueError:
+        return None
 
 
 def default_kolite_home() -> Path:
@@ -39,12 +98,17 @@ class ModelSettings(BaseSettings):
     model: str = Field(DEFAULT_MODEL, description="Hub id (e.g. skt/kogpt2-base-v2, distilgpt2) or a local folder.")
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit); default: main.")
     precision: Precision = Field(
-        "int8", description="int8 (per-channel weights), int4 (4-bit blocks, smaller and less exact) or fp32.")
+        "auto", description="auto (the best measured for this CPU: int8), int8 (per-channel weights), "
+        "int4 (4-bit blocks, smaller and less exact) or fp32.")
     int8_scheme: Int8Scheme = Field(
         "per-token",
         description="int8 activations: per-token (each token its own scale: results never depend on batching) "
         "or ort-dynamic (onnxruntime's quantize_dynamic: one scale per tensor).",
     )
+    int8_weights: Int8WeightsSetting = Field(
+        "auto", description="How int8 weights are stored: auto (the form exact on this CPU), s8 (fastest with VNNI, "
+        "AMX or ARM; saturates on x86 without VNNI) or u8 (exact on every CPU). For converting on one machine for "
+        "another.")
     cache_dir: Path | None = Field(None, description="Hub download cache (default: HF_HOME's hub cache).")
     kolite_home: Path = Field(default_factory=default_kolite_home, description="Where converted graphs go.")
     threads: int = Field(default_factory=default_threads, ge=1, le=256, description="ONNX Runtime threads.")

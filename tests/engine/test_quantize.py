@@ -1,12 +1,18 @@
 """int8 agrees with fp32 (both schemes), and kolite's per-token int8 does not depend on batching.
 
 Floors and why: a random GPT-2 has nearly tied logits, so int8 rounding (about 1% of a logit's
-spread) flips the top token where the best two are closer than that. On this model we measured
-cosine >= 0.998, top-1 agreement 0.94-0.97 and top-5 containment 1.0 (per-channel); the floors
-below leave room for other CPUs' int8 kernels (ARM's differ from x86's) while still failing for a
-broken quantization (per-tensor on a wrong axis, or a dropped scale, gives cosine far below 0.99).
-On the trained fixture, where the top token has a clear margin, int8 must reproduce every greedy
-answer that fp32 and transformers give.
+spread) flips the top token where the best two are closer than that. Measured on this model with
+the weight form `kolite.engine.cpu` picks for each CPU (min cosine / top-1 / top-5, std 0.02 and 0.1):
+- AMD EPYC, AVX2 only (u8 weights): per-token 0.9998 / 0.957 / 1.0 and 0.9991 / 0.910 / 1.0;
+  ort-dynamic 0.9998 / 0.977 / 1.0 and 0.9988 / 0.930 / 1.0. With s8 weights, whose u8 x s8 kernel
+  saturates there, per-token fell to 0.9952 / 0.773 / 0.992 and 0.979 / 0.797 / 0.988 (the failure
+  these floors must catch).
+- AMD EPYC with AVX-512 VNNI (s8 weights, session 2): cosine >= 0.998, top-1 0.94-0.97, top-5 1.0.
+- ARM Cortex-A72 and A76 under qemu (s8 weights): see benchmarks/RESULTS.md, "int8 by CPU kind".
+The floors leave room between those kinds while failing a saturating kernel, a broken quantization
+(per-tensor on a wrong axis, or a dropped scale, gives cosine far below 0.99). On the trained
+fixture, where the top token has a clear margin, int8 must reproduce every greedy answer that fp32
+and transformers give.
 """
 
 from __future__ import annotations
@@ -43,11 +49,18 @@ def _pair(tmp_path: Path, cfg: GPT2Config, sd: dict, scheme: str = "ort-dynamic"
             GPT2Runtime(tmp_path / "int8.onnx", cfg, slots=SLOTS))
 
 
-def test_per_token_graph_is_really_int8(tmp_path: Path) -> None:
-    _pair(tmp_path, CFG, random_state_dict(CFG, seed=0), "per-token")
+@pytest.mark.parametrize("form", ["s8", "u8"])
+def test_per_token_graph_is_really_int8(tmp_path: Path, form: str) -> None:
+    sd = random_state_dict(CFG, seed=0)
+    onnx.save(build_gpt2_graph(CFG, sd), tmp_path / "fp32.onnx")
+    onnx.save(build_gpt2_graph(CFG, sd, quant="int8", int8_weights=form), tmp_path / "int8.onnx")  # type: ignore[arg-type]
     model = onnx.load(tmp_path / "int8.onnx")
     assert sum(n.op_type == "MatMulInteger" for n in model.graph.node) == 4 * CFG.n_layer + 1
     assert not [n for n in model.graph.node if n.op_type == "MatMul" and "weight" in "".join(n.input)]
+    want = onnx.TensorProto.INT8 if form == "s8" else onnx.TensorProto.UINT8
+    matmul_weights = [t for t in model.graph.initializer if t.name.endswith(".weight_q")]
+    assert len(matmul_weights) == 4 * CFG.n_layer + 1 and {t.data_type for t in matmul_weights} == {want}
+    assert {p.key: p.value for p in model.metadata_props}["kolite.int8_weights"] == form
     assert (tmp_path / "int8.onnx").stat().st_size < 0.5 * (tmp_path / "fp32.onnx").stat().st_size
 
 
@@ -82,12 +95,16 @@ def test_quantize_columns_is_symmetric_per_column() -> None:
     np.testing.assert_allclose(q * scale, w, atol=float(scale.max()) / 2 + 1e-6)
 
 
-def test_ort_dynamic_graph_is_really_int8(tmp_path: Path) -> None:
-    _pair(tmp_path, CFG, random_state_dict(CFG, seed=0))
+@pytest.mark.parametrize("form", ["s8", "u8"])
+def test_ort_dynamic_graph_is_really_int8(tmp_path: Path, form: str) -> None:
+    onnx.save(build_gpt2_graph(CFG, random_state_dict(CFG, seed=0), all_logits=True), tmp_path / "fp32.onnx")
+    quantize_int8(tmp_path / "fp32.onnx", tmp_path / "int8.onnx", int8_weights=form)  # type: ignore[arg-type]
     model = onnx.load(tmp_path / "int8.onnx")
     ops = {n.op_type for n in model.graph.node}
     assert ops & {"DynamicQuantizeMatMul", "MatMulInteger", "DynamicQuantizeLinear"}
-    int8_weights = [t for t in model.graph.initializer if t.data_type == onnx.TensorProto.INT8 and len(t.dims) == 2]
+    assert {p.key: p.value for p in model.metadata_props}["kolite.int8_weights"] == form
+    want = onnx.TensorProto.INT8 if form == "s8" else onnx.TensorProto.UINT8
+    int8_weights = [t for t in model.graph.initializer if t.data_type == want and len(t.dims) == 2]
     # every weight MatMul of every layer (c_attn, c_proj, c_fc, mlp.c_proj) plus the lm_head
     assert len(int8_weights) == 4 * CFG.n_layer + 1
     # the token/position embeddings (a Gather) stay float32; every MatMul weight shrinks 4x
@@ -104,6 +121,7 @@ def test_int8_agreement_on_random_weights(tmp_path: Path, std: float, scheme: st
     cos = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
     top1 = float((a.argmax(1) == b.argmax(1)).mean())
     top5 = float(np.mean([a[i].argmax() in np.argsort(-b[i])[:5] for i in range(len(a))]))
+    print(f"{scheme} std {std}: cosine min {cos.min():.4f} top1 {top1:.3f} top5 {top5:.3f}")
     assert cos.min() > 0.995
     assert top1 >= 0.85
     assert top5 >= 0.98

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
 
 from kolite.cli import main as cli_main
 from kolite.config import ModelSettings
+from kolite.engine.cpu import detect
 from kolite.models import convert
 from kolite.models.convert import prepare_model
 from kolite.models.synthetic import write_checkpoint
@@ -36,16 +38,47 @@ def test_converted_once_then_reused(folder: Path, tmp_path: Path) -> None:
 
 def test_precisions_are_separate_entries(folder: Path, tmp_path: Path) -> None:
     home = tmp_path / "home"
+    form = detect().int8_weights  # the int8 weight form exact on this CPU names the folder when it is u8
+    suffix = "" if form == "s8" else "-u8"
     q = prepare_model(ModelSettings(model=str(folder), kolite_home=home, precision="int8"))
     o = prepare_model(ModelSettings(model=str(folder), kolite_home=home, precision="int8", int8_scheme="ort-dynamic"))
     f = prepare_model(ModelSettings(model=str(folder), kolite_home=home, precision="fp32"))
     i4 = prepare_model(ModelSettings(model=str(folder), kolite_home=home, precision="int4"))
     assert len({q.graph, o.graph, f.graph, i4.graph}) == 4
-    assert [p.graph.parent.name for p in (q, o, f, i4)] == ["int8", "int8-ort-dynamic", "fp32", "int4"]
+    assert [p.graph.parent.name for p in (q, o, f, i4)] == [f"int8{suffix}", f"int8-ort-dynamic{suffix}", "fp32", "int4"]
     assert i4.graph_bytes < q.graph_bytes
     assert q.manifest["int8_scheme"] == "per-token" and o.manifest["int8_scheme"] == "ort-dynamic"
+    assert q.manifest["int8_weights"] == o.manifest["int8_weights"] == form and f.manifest["int8_weights"] is None
     assert q.graph_bytes < f.graph_bytes and o.graph_bytes < f.graph_bytes
-    assert all(not p.converted for p in (prepare_model(ModelSettings(model=str(folder), kolite_home=home)),))
+    auto = prepare_model(ModelSettings(model=str(folder), kolite_home=home))  # precision auto is int8 here
+    assert not auto.converted and auto.precision == "int8" and auto.graph == q.graph
+
+
+def test_each_int8_weight_form_is_its_own_entry(folder: Path, tmp_path: Path) -> None:
+    """A graph made for one CPU's kernel is never found (or served) as the other form."""
+    home = tmp_path / "home"
+    s8 = prepare_model(ModelSettings(model=str(folder), kolite_home=home, precision="int8", int8_weights="s8"))
+    u8 = prepare_model(ModelSettings(model=str(folder), kolite_home=home, precision="int8", int8_weights="u8"))
+    assert (s8.graph.parent.name, u8.graph.parent.name) == ("int8", "int8-u8")
+    assert (s8.manifest["int8_weights"], u8.manifest["int8_weights"]) == ("s8", "u8")
+    # an s8 entry copied over the u8 one (another machine's cache) is not trusted: its manifest differs
+    shutil.rmtree(u8.graph.parent)
+    shutil.copytree(s8.graph.parent, u8.graph.parent)
+    again = prepare_model(ModelSettings(model=str(folder), kolite_home=home, precision="int8", int8_weights="u8"))
+    assert again.converted and again.manifest["int8_weights"] == "u8"
+
+
+def test_an_s8_graph_is_refused_where_u8_x_s8_saturates(folder: Path, tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    from kolite.engine import runtime
+    from kolite.engine.cpu import parse_cpuinfo
+    from kolite.errors import ModelFormatError
+
+    s8 = prepare_model(ModelSettings(model=str(folder), kolite_home=tmp_path / "home", precision="int8",
+                                     int8_weights="s8"))
+    monkeypatch.setattr(runtime, "detect", lambda: parse_cpuinfo("flags : avx2 fma\n", "x86_64"))
+    with pytest.raises(ModelFormatError, match="Convert the model on this machine"):
+        runtime.GPT2Runtime(s8.graph, s8.config)
 
 
 def test_changed_source_is_reconverted(folder: Path, tmp_path: Path) -> None:

@@ -27,6 +27,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from kolite.engine.cpu import Int8Weights, detect
 from kolite.models.gpt2config import GPT2Config
 
 OPSET = 17
@@ -103,10 +104,11 @@ Weights = Literal["fp32", "int8", "int4"]
 INT4_BLOCK = 32  # weights per int4 scale: the block of llama.cpp's Q4_0
 
 
-def _linear(b: _Builder, x: str, w: np.ndarray, bias: np.ndarray | None, tag: str, weights: Weights) -> str:
+def _linear(b: _Builder, x: str, w: np.ndarray, bias: np.ndarray | None, tag: str, weights: Weights,
+            int8_weights: Int8Weights = "s8") -> str:
     """x @ w (+ bias), w in transformers' Conv1D layout ([in, out]), stored as `weights` asks."""
     if weights == "int8":
-        y = _int8_matmul(b, x, w, tag)
+        y = _int8_matmul(b, x, w, tag, int8_weights)
     elif weights == "int4":
         y = _int4_matmul(b, x, w, tag)
     else:
@@ -144,21 +146,30 @@ def quantize_columns(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return np.clip(np.rint(w / scale), -127, 127).astype(np.int8), scale
 
 
-def _int8_matmul(b: _Builder, x: str, w: np.ndarray, tag: str) -> str:
+def _int8_matmul(b: _Builder, x: str, w: np.ndarray, tag: str, int8_weights: Int8Weights = "s8") -> str:
     """int8 weights (per column) times int8 activations quantized per ROW (per token).
 
     Each token's activations get their own scale, so a token's result never depends on the other
     rows of the batch: the integer products are exact, and batching changes nothing. (onnxruntime's
     dynamic quantization uses one scale for the whole input tensor, so a request's output would
     change with whatever else shares its batch.) Activations are stored as uint8 with zero point 128.
+
+    `int8_weights="u8"` stores the same weight values shifted by 128 (zero point 128): onnxruntime then
+    runs its u8 x u8 kernel, which is exact on x86 CPUs without VNNI, where the u8 x s8 one saturates
+    (see `kolite.engine.cpu`). The integer products, and so the results, are identical.
     """
     wq, w_scale = quantize_columns(w)
+    if int8_weights == "u8":
+        wq, w_zero = (wq.astype(np.int16) + 128).astype(np.uint8), b.scalar(128, np.uint8)
+    else:
+        w_zero = b.scalar(0, np.int8)
     amax = b.op("ReduceMax", [b.op("Abs", [x])], axes=[-1], keepdims=1)
     a_scale = b.op("Mul", [b.op("Max", [amax, b.scalar(1e-12)]), b.scalar(1.0 / 127.0)])
     shifted = b.op("Add", [b.op("Round", [b.op("Div", [x, a_scale])]), b.scalar(128.0)])
     xq = b.op("Cast", [shifted], to=TensorProto.UINT8)
     # (MatMulIntegerToFloat would fold the Cast and a Mul, but measured slower on x86 at batch 1)
-    acc = b.op("MatMulInteger", [xq, b.const(f"{tag}.weight_q", wq), b.scalar(128, np.uint8)], name=f"{tag}_matmul")
+    acc = b.op("MatMulInteger", [xq, b.const(f"{tag}.weight_q", wq), b.scalar(128, np.uint8), w_zero],
+               name=f"{tag}_matmul")
     scaled = b.op("Mul", [b.op("Cast", [acc], to=TensorProto.FLOAT), a_scale])
     return b.op("Mul", [scaled, b.const(f"{tag}.scale", w_scale)])
 
@@ -179,7 +190,7 @@ KVCache = Literal["fp32", "fp16"]
 
 def build_gpt2_graph(
     cfg: GPT2Config, weights: dict[str, np.ndarray], *, all_logits: bool = False, quant: Weights = "fp32",
-    kv_cache: KVCache = "fp32",
+    kv_cache: KVCache = "fp32", int8_weights: Int8Weights | None = None,
 ) -> onnx.ModelProto:
     """The GPT-2 graph for `cfg` with `weights` (canonical transformers key names); `quant` says how
     the weight matrices are stored (the embeddings, norms and biases stay float32).
@@ -189,8 +200,13 @@ def build_gpt2_graph(
     float32 either way). Half the cache bytes: less memory per token of context and less to read per
     step, so long contexts and batches decode faster (measured on KoGPT2 int8: 8 rows x 144 tokens
     874-887 -> 970-992 tok/s, 46 MB less resident).
+
+    `int8_weights` (int8 only) is how the weights are stored, "s8" or "u8" (see `_int8_matmul`); by
+    default the form that is exact on this CPU. The graph records it in its metadata
+    (`kolite.int8_weights`), so a runtime can refuse a graph that would compute wrong on its CPU.
     """
     b = _Builder()
+    form: Int8Weights = int8_weights or detect().int8_weights
     e, h, d = cfg.n_embd, cfg.n_head, cfg.head_dim
     w = {k: np.asarray(v, dtype=np.float32) for k, v in weights.items()}
 
@@ -216,7 +232,7 @@ def build_gpt2_graph(
         qkv_b = w[p + "attn.c_attn.bias"].copy()
         qkv_w[:, :e] *= scale
         qkv_b[:e] *= scale
-        qkv = _linear(b, x, qkv_w, qkv_b, f"h{i}.attn.c_attn", quant)
+        qkv = _linear(b, x, qkv_w, qkv_b, f"h{i}.attn.c_attn", quant, form)
         q, k, v = b.op("Split", [qkv, split_sizes], outputs=3, axis=-1)
         if kv_cache == "fp16":
             q, k, v = (b.op("Cast", [t], to=TensorProto.FLOAT16) for t in (q, k, v))
@@ -229,12 +245,12 @@ def build_gpt2_graph(
         ))
         if kv_cache == "fp16":
             ctx = b.op("Cast", [ctx], to=TensorProto.FLOAT)
-        attn = _linear(b, ctx, w[p + "attn.c_proj.weight"], None, f"h{i}.attn.c_proj", quant)
+        attn = _linear(b, ctx, w[p + "attn.c_proj.weight"], None, f"h{i}.attn.c_proj", quant, form)
         x, hidden = _skip_layer_norm(b, hidden, attn, b.const(p + "attn.c_proj.bias", w[p + "attn.c_proj.bias"]),
                                      *norm(f"h.{i}.ln_2"), eps)
-        m = _linear(b, x, w[p + "mlp.c_fc.weight"], None, f"h{i}.mlp.c_fc", quant)
+        m = _linear(b, x, w[p + "mlp.c_fc.weight"], None, f"h{i}.mlp.c_fc", quant, form)
         m = _gelu(b, m, b.const(p + "mlp.c_fc.bias", w[p + "mlp.c_fc.bias"]), cfg.activation_function)
-        m = _linear(b, m, w[p + "mlp.c_proj.weight"], None, f"h{i}.mlp.c_proj", quant)
+        m = _linear(b, m, w[p + "mlp.c_proj.weight"], None, f"h{i}.mlp.c_proj", quant, form)
         next_norm = norm(f"h.{i + 1}.ln_1") if i + 1 < cfg.n_layer else norm("ln_f")
         x, hidden = _skip_layer_norm(b, hidden, m, b.const(p + "mlp.c_proj.bias", w[p + "mlp.c_proj.bias"]),
                                      *next_norm, eps)
@@ -244,7 +260,7 @@ def build_gpt2_graph(
         hidden = b.op("Slice", [hidden, b.const("last_start", np.array([-1], np.int64)),
                                 b.const("last_end", np.array([np.iinfo(np.int64).max], np.int64)),
                                 b.const("last_axis", np.array([1], np.int64))])
-    logits = _linear(b, hidden, np.ascontiguousarray(w["transformer.wte.weight"].T), None, "lm_head", quant)
+    logits = _linear(b, hidden, np.ascontiguousarray(w["transformer.wte.weight"].T), None, "lm_head", quant, form)
     b.nodes.append(helper.make_node("Identity", [logits], ["logits"], name="n_logits"))
 
     kv_shape = ["batch", h, "capacity", d]
@@ -265,4 +281,14 @@ def build_gpt2_graph(
     model = helper.make_model(graph, producer_name="kolite",
                               opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(MS_DOMAIN, 1)])
     model.ir_version = 8  # readable by every onnxruntime that supports opset 17
+    if quant == "int8":
+        set_int8_weights(model, form)
     return model
+
+
+INT8_WEIGHTS_KEY = "kolite.int8_weights"
+
+
+def set_int8_weights(model: onnx.ModelProto, form: Int8Weights) -> None:
+    """Record in the graph's metadata how its int8 weights are stored (read back by the runtime)."""
+    helper.set_model_props(model, {**{p.key: p.value for p in model.metadata_props}, INT8_WEIGHTS_KEY: form})

@@ -23,6 +23,8 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from kolite.engine.cpu import CpuInfo, detect
+from kolite.errors import ModelFormatError
 from kolite.models.gpt2config import GPT2Config
 
 
@@ -86,6 +88,17 @@ class RuntimeOptions:
         return so
 
 
+def check_int8_weights(metadata: dict[str, str], cpu: CpuInfo) -> None:
+    """Refuse an int8 graph whose weight form computes wrong on this CPU (an s8 graph converted on a
+    VNNI or ARM machine and copied to an x86 CPU without VNNI, where u8 x s8 saturates)."""
+    form = metadata.get("kolite.int8_weights")
+    if form == "s8" and not cpu.exact_u8s8:
+        raise ModelFormatError(
+            f"this int8 graph stores s8 weights, which ONNX Runtime's int8 kernel on this CPU ({cpu.int8_kernel}: "
+            "no VNNI) computes with 16-bit saturation, so its answers would be wrong. Convert the model on this "
+            "machine (kolite pull converts it for this CPU; --int8-weights auto) instead of copying the graph.")
+
+
 class GPT2Runtime:
     """Prefill and decode steps of a kolite GPT-2 graph over slot-addressed, in-place KV buffers."""
 
@@ -96,6 +109,7 @@ class GPT2Runtime:
         self.session = ort.InferenceSession(
             str(model_path), sess_options=self.options.session_options(), providers=["CPUExecutionProvider"]
         )
+        check_int8_weights(self.session.get_modelmeta().custom_metadata_map, detect())
         self.capacity = capacity or cfg.n_positions
         self._kv_names = [f"{kind}_{i}" for i in range(cfg.n_layer) for kind in ("key", "value")]
         past = {i.name: i.type for i in self.session.get_inputs()}["past_key_0"]

@@ -19,6 +19,7 @@ import onnxruntime
 
 from kolite import __version__
 from kolite.config import ModelSettings
+from kolite.engine.cpu import CpuInfo, auto_precision, detect, int8_weights_for
 from kolite.models.cache import GRAPH, CacheEntry, entry_folder, file_fingerprint, lookup, write_entry
 from kolite.models.gpt2config import GPT2Config
 from kolite.models.resolve import ModelFiles, resolve_model
@@ -41,7 +42,7 @@ class PreparedModel:
 
     files: ModelFiles
     config: GPT2Config
-    precision: str
+    precision: str  # concrete: "auto" is resolved for this CPU
     graph: Path
     manifest: dict
     converted: bool  # False when the cache already held it
@@ -53,11 +54,44 @@ class PreparedModel:
                    if p.is_file())
 
 
-def _expected_manifest(files: ModelFiles, precision: str, scheme: str) -> dict:
+@dataclass(frozen=True)
+class Kernels:
+    """What a conversion produces for a CPU: precision, int8 activation scheme and int8 weight form."""
+
+    precision: str
+    scheme: str | None  # int8 only
+    int8_weights: str | None  # int8 only: "s8" or "u8"
+
+    @property
+    def variant(self) -> str:
+        """The cache folder's name: a graph made for one weight form is never found as the other."""
+        if self.precision != "int8":
+            return self.precision
+        name = "int8" if self.scheme == "per-token" else f"int8-{self.scheme}"
+        return name if self.int8_weights == "s8" else f"{name}-{self.int8_weights}"
+
+
+def choose_kernels(settings: ModelSettings, cpu: CpuInfo) -> Kernels:
+    """Resolve `--precision auto` and `--int8-weights auto` for `cpu`, warning where a choice is slow or wrong."""
+    precision = auto_precision(cpu) if settings.precision == "auto" else settings.precision
+    if precision != "int8":
+        if precision == "int4" and not cpu.int4_fast:
+            log.warning("int4 on this CPU (%s) runs ONNX Runtime's fallback 4-bit kernel (it needs %s): "
+                        "expect it slower than int8", cpu.summary(), "dot product" if cpu.is_arm64 else "AVX2")
+        return Kernels(precision, None, None)
+    weights = int8_weights_for(settings.int8_weights, cpu)
+    if weights == "s8" and not cpu.exact_u8s8:
+        log.warning("int8 weights s8 were asked for, but this CPU's int8 kernel (%s) saturates with them: the "
+                    "graph is for another machine and will be refused here", cpu.int8_kernel)
+    return Kernels("int8", settings.int8_scheme, weights)
+
+
+def _expected_manifest(files: ModelFiles, kernels: Kernels) -> dict:
     return {
         "graph_version": GRAPH_VERSION,
-        "precision": precision,
-        "int8_scheme": scheme if precision == "int8" else None,
+        "precision": kernels.precision,
+        "int8_scheme": kernels.scheme,
+        "int8_weights": kernels.int8_weights,
         "source": {"name": files.name, "revision": files.revision,
                    "weights": file_fingerprint(files.weights), "config": file_fingerprint(files.config)},
         "onnx": version("onnx"),  # read from metadata: serving a cached graph never imports onnx (~25 MB)
@@ -66,12 +100,14 @@ def _expected_manifest(files: ModelFiles, precision: str, scheme: str) -> dict:
 
 
 def build_graph_files(files: ModelFiles, cfg: GPT2Config, precision: str, out_dir: Path,
-                      *, scheme: str = "per-token", progress: Progress | None = None) -> Path:
+                      *, scheme: str = "per-token", int8_weights: str | None = None,
+                      progress: Progress | None = None) -> Path:
     """Convert the checkpoint in `files` to `out_dir/model.onnx`; returns that path.
 
     int8 "per-token" and int4 are built straight into the graph (int8 weights per column with
     activations quantized per token at run time; int4 blocks for onnxruntime's MatMulNBits);
     int8 "ort-dynamic" builds fp32 and runs onnxruntime's `quantize_dynamic` (per-channel) over it.
+    `int8_weights` is the int8 weight form ("s8" or "u8"; None: the one exact on this CPU).
     """
     import onnx
 
@@ -89,7 +125,8 @@ def build_graph_files(files: ModelFiles, cfg: GPT2Config, precision: str, out_di
     elif quant == "int4":
         say("quantizing weights to int4 (blocks of 32, as llama.cpp's Q4_0)")
     # Quantized graphs keep a float16 KV cache (as llama.cpp does); fp32 stays exact end to end.
-    model = build_gpt2_graph(cfg, weights, quant=quant, kv_cache="fp32" if quant == "fp32" else "fp16")
+    model = build_gpt2_graph(cfg, weights, quant=quant, kv_cache="fp32" if quant == "fp32" else "fp16",
+                             int8_weights=int8_weights)  # type: ignore[arg-type]
     del weights
     target = out_dir / GRAPH
     if not ort_dynamic:
@@ -101,7 +138,7 @@ def build_graph_files(files: ModelFiles, cfg: GPT2Config, precision: str, out_di
     gc.collect()
     say("quantizing to int8 with onnxruntime's quantize_dynamic (per-channel)")
     quantized = out_dir / "model.int8.onnx"
-    quantize_int8(fp32_path, quantized, per_channel=True)
+    quantize_int8(fp32_path, quantized, per_channel=True, int8_weights=int8_weights)  # type: ignore[arg-type]
     fp32_path.unlink()
     save_graph(onnx.load(str(quantized)), target)
     quantized.unlink()
@@ -134,19 +171,21 @@ def prepare_model(settings: ModelSettings, *, progress: Progress | None = None,
     if need_tokenizer:
         files.check_tokenizer()
     cfg = GPT2Config.from_file(files.config)
-    variant = settings.precision
-    if settings.precision == "int8" and settings.int8_scheme != "per-token":
-        variant = f"int8-{settings.int8_scheme}"
-    folder = entry_folder(settings.kolite_home, files.name, files.revision, variant)
-    expected = _expected_manifest(files, settings.precision, settings.int8_scheme)
+    cpu = detect()
+    kernels = choose_kernels(settings, cpu)
+    log.info("CPU %s: int8 kernel %s; %s%s", cpu.summary(), cpu.int8_kernel, kernels.variant,
+             " (precision auto)" if settings.precision == "auto" else "")
+    folder = entry_folder(settings.kolite_home, files.name, files.revision, kernels.variant)
+    expected = _expected_manifest(files, kernels)
     entry: CacheEntry | None = lookup(folder, expected)
     if entry is not None:
         say(f"using converted graph {entry.graph}")
-        return PreparedModel(files, cfg, settings.precision, entry.graph, entry.manifest, converted=False)
+        return PreparedModel(files, cfg, kernels.precision, entry.graph, entry.manifest, converted=False)
 
     started = time.perf_counter()
     manifest = {**expected, "config": cfg.to_dict(), "kolite": __version__}
     entry = write_entry(folder, manifest, lambda tmp: build_graph_files(
-        files, cfg, settings.precision, tmp, scheme=settings.int8_scheme, progress=say))
-    say(f"converted {files.name} to {settings.precision} in {time.perf_counter() - started:.1f}s: {entry.graph}")
-    return PreparedModel(files, cfg, settings.precision, entry.graph, entry.manifest, converted=True)
+        files, cfg, kernels.precision, tmp, scheme=kernels.scheme or "per-token", int8_weights=kernels.int8_weights,
+        progress=say))
+    say(f"converted {files.name} to {kernels.variant} in {time.perf_counter() - started:.1f}s: {entry.graph}")
+    return PreparedModel(files, cfg, kernels.precision, entry.graph, entry.manifest, converted=True)
