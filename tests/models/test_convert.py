@@ -45,7 +45,8 @@ def test_precisions_are_separate_entries(folder: Path, tmp_path: Path) -> None:
     f = prepare_model(ModelSettings(model=str(folder), kolite_home=home, precision="fp32"))
     i4 = prepare_model(ModelSettings(model=str(folder), kolite_home=home, precision="int4"))
     assert len({q.graph, o.graph, f.graph, i4.graph}) == 4
-    assert [p.graph.parent.name for p in (q, o, f, i4)] == [f"int8{suffix}", f"int8-ort-dynamic{suffix}", "fp32", "int4"]
+    names = [p.graph.parent.name for p in (q, o, f, i4)]
+    assert names == [f"int8{suffix}", f"int8-ort-dynamic{suffix}", "fp32", "int4"]
     assert i4.graph_bytes < q.graph_bytes
     assert q.manifest["int8_scheme"] == "per-token" and o.manifest["int8_scheme"] == "ort-dynamic"
     assert q.manifest["int8_weights"] == o.manifest["int8_weights"] == form and f.manifest["int8_weights"] is None
