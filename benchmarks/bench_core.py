@@ -14,7 +14,7 @@ One run measures, for each engine, on a random-weight model of KoGPT2's exact sh
   also makes one untimed full call, so the repeats measure a warm server (medians are reported).
 
 Greedy decoding, and nothing stops early: kolite runs its real serving loop
-(`engine.generate.run_sequence`, with its sampler and streaming detokenizer) with `ignore_eos`
+(the serving `Scheduler`, alone in it, with its sampler and streaming detokenizer) with `ignore_eos`
 (a random model may emit `</s>` or `<usr>` at any step); the pipeline gets
 `min_new_tokens == max_new_tokens`. Every timed call is checked to have produced exactly the
 requested number of tokens.
@@ -390,8 +390,9 @@ def _timed_runs(engine_call, prompt: Any, new_tokens: int, repeats: int) -> dict
 
 def worker_kolite(spec: dict) -> dict:
     t0 = time.perf_counter()
-    from kolite.bench import time_sequence
+    from kolite.bench import time_request
     from kolite.engine.sampling import SamplingParams
+    from kolite.engine.scheduler import Scheduler, SchedulerOptions
     from kolite.service import load_model
 
     t_import = time.perf_counter()
@@ -403,13 +404,16 @@ def worker_kolite(spec: dict) -> dict:
     if lm.prepared.converted:
         _log(f"WARNING: kolite {precision} converted during the timed load (the warm-up should have)")
 
+    sched = Scheduler(lm.runtime, SchedulerOptions(timeout=None))  # what `kolite serve` runs
+
     def call(prompt_ids: list[int], n: int) -> dict:
         # ignore_eos: a random model may emit </s> or <usr> at any step; generate exactly n tokens
         seq = lm.new_sequence(prompt_ids, SamplingParams(max_new_tokens=n, do_sample=False, ignore_eos=True))
-        t = time_sequence(lm.runtime, seq)
+        t = time_request(sched, seq)
         return {"start": t.start, "end": t.end, "stamps": t.stamps, "ids": t.token_ids}
 
     runs = _timed_runs(call, spec["prompt"]["ids"], spec["new_tokens"], spec["repeats"])
+    sched.stop()
     so = lm.runtime.session.get_session_options()
     return {
         "engine": f"kolite-{precision}", "import_s": round(t_import - t0, 3), "load_s": round(t_load - t_import, 3),

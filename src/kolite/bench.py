@@ -1,8 +1,8 @@
 """`kolite bench`: what this machine does with the configured model and precision.
 
 A Pi owner runs it to learn what the board can serve before putting an app on it. Everything runs in
-this one process on kolite's real serving code (the batch-1 loop `run_sequence`, the continuous-
-batching `Scheduler`, the sampler and, when the model has a tokenizer, the streaming detokenizer),
+this one process on kolite's real serving code (the continuous-batching `Scheduler` that `kolite
+serve` runs, for batch 1 too, the sampler and, when the model has a tokenizer, the streaming detokenizer),
 with greedy decoding and `ignore_eos`, so no run stops early: every timed generation yields exactly
 the tokens asked for, and is checked to.
 
@@ -61,6 +61,7 @@ from kolite.models.synthetic import DISTILGPT2_SHAPE, KOGPT2_SHAPE
 
 if TYPE_CHECKING:
     from kolite.engine.runtime import GPT2Runtime
+    from kolite.engine.scheduler import Scheduler
     from kolite.engine.sequence import Sequence as GenSequence
     from kolite.models.convert import PreparedModel
 
@@ -416,6 +417,23 @@ class BenchModel:
     tokenizer: Any  # kolite.tokenizer.Tokenizer or IdsOnlyTokenizer
     tokenizer_kind: str
     load_seconds: float
+    max_batch: int = 8
+    _scheduler: Scheduler | None = None
+
+    @property
+    def scheduler(self) -> Scheduler:
+        """The serving scheduler over this runtime (started on first use; `close` stops it)."""
+        if self._scheduler is None:
+            from kolite.engine.scheduler import Scheduler, SchedulerOptions
+
+            self._scheduler = Scheduler(self.runtime, SchedulerOptions(max_batch=self.max_batch,
+                                                                       max_queue=self.max_batch, timeout=None))
+        return self._scheduler
+
+    def close(self) -> None:
+        if self._scheduler is not None:
+            self._scheduler.stop()
+            self._scheduler = None
 
     @property
     def cfg(self) -> GPT2Config:
@@ -479,30 +497,37 @@ class Timed:
     token_ids: tuple[int, ...] = ()
 
 
-def time_sequence(runtime: GPT2Runtime, seq: GenSequence) -> Timed:
-    """Run `seq` through the batch-1 serving loop (`run_sequence`), timestamping each token; it must
-    produce all of its `max_new_tokens` (benchmarks compare fixed amounts of work)."""
-    from kolite.engine.generate import run_sequence
+def time_request(scheduler: Scheduler, seq: GenSequence, timeout: float = 3600.0) -> Timed:
+    """Run `seq` through the continuous-batching `Scheduler` that `kolite serve` runs, timestamping each
+    token as the engine thread hands it over; it must produce all of its `max_new_tokens` (benchmarks
+    compare fixed amounts of work). Alone in the scheduler this is the batch-1 figure a single user of
+    the server sees, thread hand-off included."""
     from kolite.engine.sequence import Finish, TokenEvent
 
     new_tokens = seq.params.max_new_tokens
     stamps: list[float] = []
-    finish = None
-    start = time.perf_counter()
-    for ev in run_sequence(runtime, seq):
+    finish: list[Finish] = []
+
+    def deliver(ev: TokenEvent | Finish) -> None:
         if isinstance(ev, TokenEvent):
             stamps.append(time.perf_counter())
-        elif isinstance(ev, Finish):
-            finish = ev
+        else:
+            finish.append(ev)
+
+    start = time.perf_counter()
+    req = scheduler.submit(seq, deliver)
+    if not req.done.wait(timeout):
+        req.cancel()
+        raise RuntimeError(f"a request did not finish in {timeout:.0f}s")
     end = time.perf_counter()
-    if finish is None or finish.completion_tokens != new_tokens or len(stamps) != new_tokens:
-        raise RuntimeError(f"asked for {new_tokens} tokens, got {len(stamps)} ({finish})")
-    return Timed(start, stamps, end, finish.token_ids)
+    if not finish or finish[0].completion_tokens != new_tokens or len(stamps) != new_tokens:
+        raise RuntimeError(f"asked for {new_tokens} tokens, got {len(stamps)} ({finish and finish[0]})")
+    return Timed(start, stamps, end, finish[0].token_ids)
 
 
 def timed_generation(model: BenchModel, prompt: list[int], new_tokens: int) -> Timed:
-    """One request of `model`, greedy and `ignore_eos`, timed token by token (see `time_sequence`)."""
-    return time_sequence(model.runtime, model.sequence(prompt, new_tokens))
+    """One request of `model`, greedy and `ignore_eos`, alone in its scheduler (see `time_request`)."""
+    return time_request(model.scheduler, model.sequence(prompt, new_tokens))
 
 
 def decode_rate(stamps: Sequence[float]) -> float:
@@ -567,13 +592,15 @@ def measure_concurrency(model: BenchModel, levels: Sequence[int], prompt_tokens:
     and time to first token (which grows with n: admitted requests are prefilled one after another)
     are reported too. One run per level, after an untimed warm-up of the largest level.
     """
-    from kolite.engine.scheduler import Scheduler, SchedulerOptions
     from kolite.engine.sequence import Finish, TokenEvent
 
     new = max(2, min(new_tokens, model.n_positions - 1))
     plen = _fit(prompt_tokens, model.n_positions, new)
     top = max(levels)
-    sched = Scheduler(model.runtime, SchedulerOptions(max_batch=top, max_queue=top, timeout=None))
+    if top > model.max_batch:
+        model.close()
+        model.max_batch = top
+    sched = model.scheduler
 
     def run(n: int, tokens: int) -> dict[str, Any]:
         stamps: list[list[float]] = [[] for _ in range(n)]
@@ -604,11 +631,8 @@ def measure_concurrency(model: BenchModel, levels: Sequence[int], prompt_tokens:
                 "per_request_tok_s": round(_median(per_request), 2),
                 "ttft_s": {"median": round(_median(ttfts), 5), "max": round(max(ttfts), 5)}}
 
-    try:
-        run(top, min(4, new))  # warm-up: every batch size the levels will meet, allocations done
-        return [run(n, new) for n in levels]
-    finally:
-        sched.stop()
+    run(top, min(4, new))  # warm-up: every batch size the levels will meet, allocations done
+    return [run(n, new) for n in levels]
 
 
 def _median(xs: Sequence[float]) -> float:
@@ -713,6 +737,7 @@ def run_bench(settings: ModelSettings, options: BenchOptions | None = None, *, r
     phase_done("long prompts and contexts")
     say(f"concurrent requests {', '.join(map(str, opts.concurrency))} through the scheduler ...")
     report["concurrency"] = measure_concurrency(model, opts.concurrency, opts.short_prompt, opts.new_tokens)
+    model.close()
     for c in report["concurrency"]:
         say(f"  {c['requests']}: {c['aggregate_tok_s']:.1f} tok/s together")
     phase_done(f"{max(opts.concurrency)} concurrent requests")
@@ -819,9 +844,13 @@ def render_table(report: dict[str, Any]) -> str:
         f"kolite bench {m['date']}{'  [quick]' if report.get('quick') else ''}",
         f"machine:   {m['cpu']}{board} | {m['arch']} | {m['cores']} cores ({m['usable_cores']} usable) | "
         f"{m['memory_gb']} GB | {m['os']} | onnxruntime {m['onnxruntime']} | kolite {m['kolite']}",
+        f"cpu:       {' '.join(m['cpu_features']['features']) or '-'} | int8 kernel {m['cpu_features']['int8_kernel']}"
+        f" | int4 kernel {'integer' if m['cpu_features']['int4_fast'] else 'fallback'}",
         f"model:     {mod['name']} | {shape['n_layer']} layers x {shape['n_embd']}, vocab {shape['vocab_size']}, "
         f"{_count(mod['parameters'])} params | {mod['precision']}"
-        f"{' ' + mod['int8_scheme'] if mod.get('int8_scheme') else ''} | graph {_mb(mod['graph_mb'] * MB)} | "
+        f"{' ' + mod['int8_scheme'] if mod.get('int8_scheme') else ''}"
+        f"{' ' + mod['int8_weights'] + ' weights' if mod.get('int8_weights') else ''}"
+        f" | graph {_mb(mod['graph_mb'] * MB)} | "
         f"{mod['threads']} thread{'s' if mod['threads'] > 1 else ''}",
         f"tokenizer: {mod['tokenizer']}",
     ]
