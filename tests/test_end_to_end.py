@@ -40,6 +40,28 @@ def test_greedy_answers_of_the_trained_chat_model(chatbot: LoadedModel) -> None:
         assert finish.text == fact["a"] == streamed
 
 
+def test_greedy_answers_in_full_batches(chatbot: LoadedModel) -> None:
+    """All 30 answers again, 8 at a time through the serving scheduler: every precision gives each
+    answer in a batch as alone. (int4's one-row and many-row kernels differ by ~1e-6, README "Many
+    users at once"; this trained model's answers have margins far above that.)"""
+    from kolite.engine.scheduler import Scheduler, SchedulerOptions
+    from kolite.engine.sequence import Finish
+
+    facts = json.loads((fixture_path("chatbot-tiny-ko") / "facts.json").read_text(encoding="utf-8"))
+    sched = Scheduler(chatbot.runtime, SchedulerOptions(max_batch=8, max_queue=64, timeout=None))
+    try:
+        finishes: dict[int, Finish] = {}
+        reqs = [sched.submit(chatbot.new_sequence(f["prompt_ids"], SamplingParams(max_new_tokens=60, do_sample=False)),
+                             lambda ev, i=i: finishes.__setitem__(i, ev) if isinstance(ev, Finish) else None)
+                for i, f in enumerate(facts["greedy_exact_answers"])]
+        assert all(r.done.wait(120) for r in reqs)
+    finally:
+        sched.stop()
+    assert sched.steps < sum(len(f["answer_ids"]) for f in facts["greedy_exact_answers"])  # rows shared steps
+    for i, fact in enumerate(facts["greedy_exact_answers"]):
+        assert list(finishes[i].token_ids) == fact["answer_ids"], fact["q"]
+
+
 def test_examples_from_the_readme(chatbot: LoadedModel) -> None:
     tok = chatbot.tokenizer
     for q, a in [("12시 땡!", "하루가 또 가네요."), ("오늘 너무 피곤해", "푹 쉬세요.")]:

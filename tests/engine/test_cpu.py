@@ -71,7 +71,9 @@ def _matmul_integer(weights: np.ndarray, w_zero: int) -> ort.InferenceSession:
                      numpy_helper.from_array(np.array(w_zero, weights.dtype), "zb")])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
-    return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 1
+    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
 
 
 def _exact(cpu_form: str) -> bool:
