@@ -152,3 +152,22 @@ def test_serving_a_model_without_tokenizer_fails_before_converting(folder: Path,
     (folder / "vocab.json").write_text("{}")
     with pytest.raises(ModelFormatError, match=r"vocab\.json and merges\.txt"):
         load_model(ModelSettings(model=str(folder), kolite_home=home))
+
+
+def test_cpu_and_kernels_are_logged_and_slow_int4_warns(folder: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    from kolite.engine.cpu import parse_cpuinfo
+
+    pi4 = parse_cpuinfo("Features : fp asimd evtstrm crc32 cpuid\nCPU implementer : 0x41\nCPU part : 0xd08\n",
+                        "aarch64")
+    monkeypatch.setattr(convert, "detect", lambda: pi4)
+    home = tmp_path / "home"
+    with caplog.at_level("INFO", logger="kolite"):
+        auto = prepare_model(ModelSettings(model=str(folder), kolite_home=home))
+    assert auto.precision == "int8" and auto.manifest["int8_weights"] == "s8"
+    line = "CPU ARM Cortex-A72 (aarch64; asimd): int8 kernel NEON (no dot product); int8 (precision auto)"
+    assert line in caplog.text
+    caplog.clear()
+    with caplog.at_level("INFO", logger="kolite"):
+        prepare_model(ModelSettings(model=str(folder), kolite_home=home, precision="int4"))
+    assert any(r.levelname == "WARNING" and "fallback 4-bit kernel" in r.getMessage() for r in caplog.records)
