@@ -40,7 +40,6 @@ from kolite.config import default_threads
 from kolite.engine import graph as graph_mod
 from kolite.engine.graph import build_gpt2_graph
 from kolite.engine.runtime import GPT2Runtime, RuntimeOptions
-from kolite.models.convert import save_graph
 from kolite.models.gpt2config import GPT2Config
 from kolite.models.synthetic import KOGPT2_SHAPE, random_state_dict
 
@@ -113,7 +112,8 @@ def _seven_bit_columns(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return np.clip(np.rint(w / scale), -63, 63).astype(np.int8), scale
 
 
-def build(cfg: GPT2Config, sd: dict, form: str, *, all_logits: bool = False, kv: str = "fp16") -> onnx.ModelProto:
+def build(cfg: GPT2Config, sd: dict, form: str, *, all_logits: bool = False, kv: str = "fp16",
+          external_data: Path | None = None) -> onnx.ModelProto:
     """kolite's int8 graph in `form`; the metadata is dropped so the runtime opens an s8 graph even on a
     CPU where it saturates (this script measures exactly that)."""
     original = graph_mod.quantize_columns
@@ -121,7 +121,7 @@ def build(cfg: GPT2Config, sd: dict, form: str, *, all_logits: bool = False, kv:
         graph_mod.quantize_columns = _seven_bit_columns
     try:
         model = build_gpt2_graph(cfg, sd, all_logits=all_logits, quant="int8", kv_cache=kv,  # type: ignore[arg-type]
-                                 int8_weights="u8" if form == "u8" else "s8")
+                                 int8_weights="u8" if form == "u8" else "s8", external_data=external_data)
     finally:
         graph_mod.quantize_columns = original
     del model.metadata_props[:]
@@ -158,7 +158,7 @@ def speed_part(tmp: Path, threads: int, repeats: int) -> list[dict[str, Any]]:
     for form in FORMS:
         path = tmp / f"kogpt2-{form}" / "model.onnx"
         path.parent.mkdir()
-        save_graph(build(cfg, sd, form), path)
+        onnx.save_model(build(cfg, sd, form, external_data=path.with_name("model.onnx.data")), str(path))
         runtimes[form] = GPT2Runtime(path, cfg, RuntimeOptions(threads=threads), slots=8)
     del sd
     prompt = np.random.default_rng(2).integers(16, cfg.vocab_size, 512).tolist()

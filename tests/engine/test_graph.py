@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from onnx import numpy_helper
 
 from kolite.engine.graph import build_gpt2_graph, input_names, output_names
 from kolite.engine.runtime import GPT2Runtime
@@ -167,3 +168,53 @@ def test_released_slot_gives_its_pages_back_and_is_reusable(tmp_path: Path, weig
     assert all(not buf[1].any() for buf in rt.cache)  # zero pages: given back
     assert all(np.abs(buf[0, :, :5]).max() > 0 for buf in rt.cache)  # slot 0 untouched
     np.testing.assert_array_equal(rt.prefill(1, ids), first)
+
+
+@pytest.mark.parametrize("shape", [(96, 70), (100, 7), (33, 500)])
+def test_quantizing_in_blocks_gives_the_bytes_of_one_pass(monkeypatch: pytest.MonkeyPatch, shape: tuple) -> None:
+    """int8 columns and int4 blocks are made a block of rows / a band of columns at a time (small
+    temporaries for a 157 MB lm_head); the result must be exactly that of one whole-matrix pass, for
+    contiguous matrices and for the transposed view the lm_head is."""
+    from onnxruntime.capi._pybind_state import quantize_matmul_4bits
+
+    from kolite.engine import graph
+
+    rng = np.random.default_rng(2)
+    w = (rng.standard_normal(shape, dtype=np.float32) * 0.02).astype(np.float32)
+    w[:, 3] = 0.0  # an all-zero column gets scale 1
+
+    def int8_one_pass(m: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        scale = (np.abs(m).max(axis=0) / 127.0).astype(np.float32)
+        scale[scale == 0] = 1.0
+        return np.clip(np.rint(m / scale), -127, 127).astype(np.int8), scale
+
+    def int4_one_pass(m: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        k, n = m.shape
+        blocks = -(-k // graph.INT4_BLOCK)
+        padded = np.zeros((blocks * graph.INT4_BLOCK, n), np.float32)
+        padded[:k] = m
+        packed, scales = np.zeros((n, blocks, graph.INT4_BLOCK // 2), np.uint8), np.zeros((n, blocks), np.float32)
+        zero_points = np.zeros((n, (blocks + 1) // 2), np.uint8)
+        quantize_matmul_4bits(packed, padded, scales, zero_points, graph.INT4_BLOCK, n, blocks * graph.INT4_BLOCK, True)
+        return packed, scales
+
+    monkeypatch.setattr(graph, "QUANT_BLOCK", 200)  # several blocks even for these small matrices
+    for m in (w, w.T):
+        for got, want in ((graph.quantize_columns(m), int8_one_pass(np.ascontiguousarray(m))),
+                          (graph.quantize_int4_blocks(m), int4_one_pass(np.ascontiguousarray(m)))):
+            for g, x in zip(got, want, strict=True):
+                assert g.dtype == x.dtype and g.shape == x.shape
+                np.testing.assert_array_equal(g, x)
+
+
+def test_external_data_writes_a_transposed_view_in_blocks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The lm_head (wte.T, a view) goes to the file a block of rows at a time, page-aligned, never copied whole."""
+    from kolite.engine import graph
+
+    monkeypatch.setattr(graph, "QUANT_BLOCK", 100)
+    data = graph.ExternalData(tmp_path / "w.data")
+    a = np.arange(12 * 37, dtype=np.float32).reshape(12, 37)
+    first, second = data.add("a", a[:1, :1].copy()), data.add("t", a.T)
+    assert [(e.key, e.value) for e in second.external_data][1:] == [("offset", "4096"), ("length", str(a.nbytes))]
+    np.testing.assert_array_equal(numpy_helper.to_array(second, base_dir=str(tmp_path)), a.T)
+    np.testing.assert_array_equal(numpy_helper.to_array(first, base_dir=str(tmp_path)), a[:1, :1])

@@ -20,7 +20,9 @@ Writing the graph by hand keeps conversion torch-free and lets us shape it for s
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
 import numpy as np
@@ -50,17 +52,67 @@ def output_names(n_layer: int) -> list[str]:
     return names
 
 
+EXTERNAL_MIN_BYTES = 1024  # smaller initializers (scalars, shapes) stay inside the graph, as onnx's size_threshold
+EXTERNAL_ALIGN = 4096  # each tensor starts on a page boundary, so it can be mapped where it lies
+QUANT_BLOCK = 2**20  # elements per block of rows quantized (or written) at once: small temporaries
+
+
+class ExternalData:
+    """Initializer bytes appended to one external-data file as the graph is built.
+
+    Why: a ModelProto that holds every initializer until it is saved kept the float32 weights, their
+    quantized forms and the protobuf's copy all in memory at once (1.2 GB to convert KoGPT2 to int8,
+    2.5 GB for fp32). Written as it is produced, each weight lives only until it is in the file, and the
+    graph keeps a reference (location, offset, length): the same external-data form `onnx.save_model(...,
+    save_as_external_data=True)` writes. onnxruntime maps such a file instead of parsing a protobuf that
+    holds the weights, so a session opens with less resident memory and a table read by `Gather` (the
+    token embedding) is paged in only where rows are read (KoGPT2 int8, measured: 230 -> 178 MB after
+    load, peak 267 -> 215 MB); it also lifts protobuf's 2 GB limit on one file.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self.path.write_bytes(b"")
+        self.size = 0
+
+    def add(self, name: str, value: np.ndarray) -> TensorProto:
+        """Append `value` (aligned to EXTERNAL_ALIGN) and return the initializer that refers to it.
+
+        A non-contiguous `value` (the lm_head is a transposed view of wte) is written a block of rows
+        at a time, never copied whole.
+        """
+        offset = -(-self.size // EXTERNAL_ALIGN) * EXTERNAL_ALIGN
+        rows = value.reshape(value.shape[0], -1) if value.ndim else value.reshape(1, 1)
+        step = max(1, QUANT_BLOCK // max(1, rows.shape[1]))
+        little = value.dtype.newbyteorder("<")  # ONNX stores tensors little-endian
+        with self.path.open("ab") as fh:
+            fh.write(bytes(offset - self.size))
+            for start in range(0, rows.shape[0], step):
+                fh.write(np.ascontiguousarray(rows[start : start + step], dtype=little).reshape(-1).view(np.uint8).data)
+        self.size = offset + value.nbytes
+        tensor = TensorProto(name=name, dims=value.shape, data_type=helper.np_dtype_to_tensor_dtype(value.dtype),
+                             data_location=TensorProto.EXTERNAL)
+        for key, text in (("location", self.path.name), ("offset", str(offset)), ("length", str(value.nbytes))):
+            tensor.external_data.add(key=key, value=text)
+        return tensor
+
+
 @dataclass
 class _Builder:
-    """Accumulates nodes and initializers with unique names."""
+    """Accumulates nodes and initializers with unique names; with `data`, large initializers go
+    straight to that external-data file and the graph holds only references to them."""
 
     nodes: list[onnx.NodeProto] = field(default_factory=list)
     inits: list[onnx.TensorProto] = field(default_factory=list)
+    data: ExternalData | None = None
     _count: int = 0
     _scalars: set[str] = field(default_factory=set)
 
     def const(self, name: str, value: np.ndarray) -> str:
-        self.inits.append(numpy_helper.from_array(np.ascontiguousarray(value), name))
+        if self.data is not None and value.nbytes >= EXTERNAL_MIN_BYTES:
+            self.inits.append(self.data.add(name, value))
+        else:
+            self.inits.append(numpy_helper.from_array(np.ascontiguousarray(value), name))
         return name
 
     def scalar(self, value: float | int, dtype: type = np.float32) -> str:
@@ -121,16 +173,8 @@ def _int4_matmul(b: _Builder, x: str, w: np.ndarray, tag: str) -> str:
     one float scale per block, as llama.cpp's Q4_0. `accuracy_level=4` lets the kernel quantize each
     row of activations to int8 per block (fast integer dot products; a row's result does not depend
     on the other rows)."""
-    from onnxruntime.capi._pybind_state import quantize_matmul_4bits
-
     k, n = w.shape
-    blocks = -(-k // INT4_BLOCK)
-    padded = np.zeros((blocks * INT4_BLOCK, n), np.float32)
-    padded[:k] = w
-    packed = np.zeros((n, blocks, INT4_BLOCK // 2), np.uint8)
-    scales = np.zeros((n, blocks), np.float32)
-    zero_points = np.zeros((n, (blocks + 1) // 2), np.uint8)  # unused when symmetric
-    quantize_matmul_4bits(packed, padded, scales, zero_points, INT4_BLOCK, n, blocks * INT4_BLOCK, True)
+    packed, scales = quantize_int4_blocks(w)
     out = f"{tag}_matmul"
     b.nodes.append(helper.make_node(
         "MatMulNBits", [x, b.const(f"{tag}.weight_q4", packed), b.const(f"{tag}.scales", scales)], [out],
@@ -139,11 +183,53 @@ def _int4_matmul(b: _Builder, x: str, w: np.ndarray, tag: str) -> str:
     return out
 
 
+def quantize_int4_blocks(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """w [K, N] as MatMulNBits stores it: packed nibbles [N, blocks, 16] and scales [N, blocks].
+
+    onnxruntime's own quantizer does the work, a band of columns at a time (each column is quantized on
+    its own, so the bytes are those of one whole-matrix call): the float32 copy it needs, zero-padded to
+    whole blocks, is then a band and not the matrix (157 MB for KoGPT2's lm_head).
+    """
+    from onnxruntime.capi._pybind_state import quantize_matmul_4bits
+
+    k, n = w.shape
+    blocks = -(-k // INT4_BLOCK)
+    packed = np.empty((n, blocks, INT4_BLOCK // 2), np.uint8)
+    scales = np.empty((n, blocks), np.float32)
+    step = max(1, QUANT_BLOCK // (blocks * INT4_BLOCK))
+    for start in range(0, n, step):
+        band = slice(start, min(n, start + step))
+        width = band.stop - start
+        padded = np.zeros((blocks * INT4_BLOCK, width), np.float32)
+        padded[:k] = w[:, band]
+        band_packed = np.zeros((width, blocks, INT4_BLOCK // 2), np.uint8)
+        band_scales = np.zeros((width, blocks), np.float32)
+        zero_points = np.zeros((width, (blocks + 1) // 2), np.uint8)  # unused when symmetric
+        quantize_matmul_4bits(band_packed, padded, band_scales, zero_points, INT4_BLOCK, width, blocks * INT4_BLOCK,
+                              True)
+        packed[band], scales[band] = band_packed, band_scales
+    return packed, scales
+
+
 def quantize_columns(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Symmetric int8 per output column: one float scale per column, zero point 0."""
-    scale = (np.abs(w).max(axis=0) / 127.0).astype(np.float32)
+    """Symmetric int8 per output column: one float scale per column, zero point 0.
+
+    Worked through a block of rows at a time, so the float temporaries stay small beside `w` (whole-array
+    ones tripled the memory a 157 MB lm_head needs); the values are those of one whole-array pass.
+    """
+    rows = max(1, QUANT_BLOCK // max(1, w.shape[1]))
+    blocks = [slice(start, start + rows) for start in range(0, w.shape[0], rows)]
+    amax = np.abs(w[blocks[0]]).max(axis=0)
+    for block in blocks[1:]:
+        np.maximum(amax, np.abs(w[block]).max(axis=0), out=amax)
+    scale = (amax / 127.0).astype(np.float32)
     scale[scale == 0] = 1.0
-    return np.clip(np.rint(w / scale), -127, 127).astype(np.int8), scale
+    q = np.empty(w.shape, np.int8)
+    for block in blocks:
+        part = w[block] / scale
+        np.clip(np.rint(part, out=part), -127, 127, out=part)
+        q[block] = part
+    return q, scale
 
 
 def _int8_matmul(b: _Builder, x: str, w: np.ndarray, tag: str, int8_weights: Int8Weights = "s8") -> str:
@@ -159,8 +245,8 @@ def _int8_matmul(b: _Builder, x: str, w: np.ndarray, tag: str, int8_weights: Int
     (see `kolite.engine.cpu`). The integer products, and so the results, are identical.
     """
     wq, w_scale = quantize_columns(w)
-    if int8_weights == "u8":
-        wq, w_zero = (wq.astype(np.int16) + 128).astype(np.uint8), b.scalar(128, np.uint8)
+    if int8_weights == "u8":  # x + 128 as a byte is x's two's-complement bits with the top one flipped
+        wq, w_zero = np.bitwise_xor(wq.view(np.uint8), 0x80, out=wq.view(np.uint8)), b.scalar(128, np.uint8)
     else:
         w_zero = b.scalar(0, np.int8)
     amax = b.op("ReduceMax", [b.op("Abs", [x])], axes=[-1], keepdims=1)
@@ -189,8 +275,8 @@ KVCache = Literal["fp32", "fp16"]
 
 
 def build_gpt2_graph(
-    cfg: GPT2Config, weights: dict[str, np.ndarray], *, all_logits: bool = False, quant: Weights = "fp32",
-    kv_cache: KVCache = "fp32", int8_weights: Int8Weights | None = None,
+    cfg: GPT2Config, weights: Mapping[str, np.ndarray], *, all_logits: bool = False, quant: Weights = "fp32",
+    kv_cache: KVCache = "fp32", int8_weights: Int8Weights | None = None, external_data: Path | None = None,
 ) -> onnx.ModelProto:
     """The GPT-2 graph for `cfg` with `weights` (canonical transformers key names); `quant` says how
     the weight matrices are stored (the embeddings, norms and biases stay float32).
@@ -204,22 +290,30 @@ def build_gpt2_graph(
     `int8_weights` (int8 only) is how the weights are stored, "s8" or "u8" (see `_int8_matmul`); by
     default the form that is exact on this CPU. The graph records it in its metadata
     (`kolite.int8_weights`), so a runtime can refuse a graph that would compute wrong on its CPU.
+
+    `weights` is read one key at a time, as each is needed (a `kolite.models.weights.GPT2Weights` reads
+    each from the checkpoint file then). With `external_data` (a file path), every initializer of
+    EXTERNAL_MIN_BYTES or more is written there as soon as it is made, so the returned graph holds only
+    references: save it in the same folder, and no more than one weight and its quantized form is ever
+    in memory. Without it, the graph holds its weights, as `onnx.save` expects.
     """
-    b = _Builder()
+    b = _Builder(data=ExternalData(external_data) if external_data is not None else None)
     form: Int8Weights = int8_weights or detect().int8_weights
     e, h, d = cfg.n_embd, cfg.n_head, cfg.head_dim
-    w = {k: np.asarray(v, dtype=np.float32) for k, v in weights.items()}
 
-    tok_emb = _embedding(b, w["transformer.wte.weight"], quantized=quant != "fp32")
-    wpe = b.const("wpe", w["transformer.wpe.weight"])
+    def w(key: str) -> np.ndarray:
+        return np.asarray(weights[key], dtype=np.float32)
+
+    tok_emb = _embedding(b, w("transformer.wte.weight"), quantized=quant != "fp32")
+    wpe = b.const("wpe", w("transformer.wpe.weight"))
     hidden = b.op("Add", [tok_emb, b.op("Gather", [wpe, "position_ids"], name="pos_emb")])
     split_sizes = b.const("qkv_split", np.array([e, e, e], np.int64))
 
     eps = cfg.layer_norm_epsilon
 
     def norm(name: str) -> tuple[str, str]:
-        return b.const(name + ".weight", w["transformer." + name + ".weight"]), \
-            b.const(name + ".bias", w["transformer." + name + ".bias"])
+        return b.const(name + ".weight", w("transformer." + name + ".weight")), \
+            b.const(name + ".bias", w("transformer." + name + ".bias"))
 
     x = b.op("LayerNormalization", [hidden, *norm("h.0.ln_1")], axis=-1, epsilon=eps)
     for i in range(cfg.n_layer):
@@ -228,8 +322,8 @@ def build_gpt2_graph(
         scale = (1.0 / math.sqrt(d) if cfg.scale_attn_weights else 1.0)
         if cfg.scale_attn_by_inverse_layer_idx:
             scale /= float(i + 1)
-        qkv_w = w[p + "attn.c_attn.weight"].copy()
-        qkv_b = w[p + "attn.c_attn.bias"].copy()
+        qkv_w = np.array(weights[p + "attn.c_attn.weight"], dtype=np.float32)  # a copy: scaled in place
+        qkv_b = np.array(weights[p + "attn.c_attn.bias"], dtype=np.float32)
         qkv_w[:, :e] *= scale
         qkv_b[:e] *= scale
         qkv = _linear(b, x, qkv_w, qkv_b, f"h{i}.attn.c_attn", quant, form)
@@ -245,14 +339,14 @@ def build_gpt2_graph(
         ))
         if kv_cache == "fp16":
             ctx = b.op("Cast", [ctx], to=TensorProto.FLOAT)
-        attn = _linear(b, ctx, w[p + "attn.c_proj.weight"], None, f"h{i}.attn.c_proj", quant, form)
-        x, hidden = _skip_layer_norm(b, hidden, attn, b.const(p + "attn.c_proj.bias", w[p + "attn.c_proj.bias"]),
+        attn = _linear(b, ctx, w(p + "attn.c_proj.weight"), None, f"h{i}.attn.c_proj", quant, form)
+        x, hidden = _skip_layer_norm(b, hidden, attn, b.const(p + "attn.c_proj.bias", w(p + "attn.c_proj.bias")),
                                      *norm(f"h.{i}.ln_2"), eps)
-        m = _linear(b, x, w[p + "mlp.c_fc.weight"], None, f"h{i}.mlp.c_fc", quant, form)
-        m = _gelu(b, m, b.const(p + "mlp.c_fc.bias", w[p + "mlp.c_fc.bias"]), cfg.activation_function)
-        m = _linear(b, m, w[p + "mlp.c_proj.weight"], None, f"h{i}.mlp.c_proj", quant, form)
+        m = _linear(b, x, w(p + "mlp.c_fc.weight"), None, f"h{i}.mlp.c_fc", quant, form)
+        m = _gelu(b, m, b.const(p + "mlp.c_fc.bias", w(p + "mlp.c_fc.bias")), cfg.activation_function)
+        m = _linear(b, m, w(p + "mlp.c_proj.weight"), None, f"h{i}.mlp.c_proj", quant, form)
         next_norm = norm(f"h.{i + 1}.ln_1") if i + 1 < cfg.n_layer else norm("ln_f")
-        x, hidden = _skip_layer_norm(b, hidden, m, b.const(p + "mlp.c_proj.bias", w[p + "mlp.c_proj.bias"]),
+        x, hidden = _skip_layer_norm(b, hidden, m, b.const(p + "mlp.c_proj.bias", w(p + "mlp.c_proj.bias")),
                                      *next_norm, eps)
     hidden = x  # ln_f(final residual stream)
 
@@ -260,7 +354,8 @@ def build_gpt2_graph(
         hidden = b.op("Slice", [hidden, b.const("last_start", np.array([-1], np.int64)),
                                 b.const("last_end", np.array([np.iinfo(np.int64).max], np.int64)),
                                 b.const("last_axis", np.array([1], np.int64))])
-    logits = _linear(b, hidden, np.ascontiguousarray(w["transformer.wte.weight"].T), None, "lm_head", quant, form)
+    # wte.T as a view: fp32 copies it into the file once, int8/int4 quantize it without a float32 copy
+    logits = _linear(b, hidden, w("transformer.wte.weight").T, None, "lm_head", quant, form)
     b.nodes.append(helper.make_node("Identity", [logits], ["logits"], name="n_logits"))
 
     kv_shape = ["batch", h, "capacity", d]

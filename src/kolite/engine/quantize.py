@@ -25,10 +25,13 @@ def _quiet_root(record: logging.LogRecord) -> bool:
 
 
 def quantize_int8(fp32_path: Path, out_path: Path, *, per_channel: bool = True,
-                  int8_weights: Int8Weights | None = None) -> Path:
+                  int8_weights: Int8Weights | None = None, external_data: bool = False) -> Path:
     """Write an int8 copy of the graph at `fp32_path`; only MatMuls with constant weights change.
 
     `int8_weights`: "s8" or "u8" weights; by default the form that is exact on this CPU.
+    `external_data`: the weights go to `<out_path>.data` beside the graph (onnxruntime's
+    `use_external_data_format`) rather than inside it, so the saved graph never holds them in one
+    protobuf. The metadata is set without loading them either way.
     """
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
@@ -42,13 +45,14 @@ def quantize_int8(fp32_path: Path, out_path: Path, *, per_channel: bool = True,
             op_types_to_quantize=["MatMul"],
             per_channel=per_channel,
             reduce_range=False,
+            use_external_data_format=external_data,
             weight_type=QuantType.QInt8 if form == "s8" else QuantType.QUInt8,
             # shape inference cannot type GroupQueryAttention (a contrib op): its outputs are float
             extra_options={"MatMulConstBOnly": True, "DefaultTensorType": onnx.TensorProto.FLOAT},
         )
     finally:
         root.removeFilter(_quiet_root)
-    model = onnx.load(str(out_path))
+    model = onnx.load(str(out_path), load_external_data=False)
     set_int8_weights(model, form)
     onnx.save(model, str(out_path))
     return Path(out_path)

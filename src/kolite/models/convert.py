@@ -1,4 +1,4 @@
-"""The path a model takes: name → files → numpy weights → ONNX graph (fp32 or int8) in the cache.
+"""The path a model takes: name → files → numpy weights, one at a time → ONNX graph (fp32, int8, int4) in the cache.
 
 `kolite pull` runs this and stops; `kolite serve` runs it in the background and then opens a
 session on the result. Nothing here imports torch.
@@ -13,7 +13,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import onnxruntime
 
@@ -23,10 +22,7 @@ from kolite.engine.cpu import CpuInfo, auto_precision, detect, int8_weights_for
 from kolite.models.cache import GRAPH, CacheEntry, entry_folder, file_fingerprint, lookup, write_entry
 from kolite.models.gpt2config import GPT2Config
 from kolite.models.resolve import ModelFiles, resolve_model
-from kolite.models.weights import gpt2_weights, load_state_dict
-
-if TYPE_CHECKING:
-    import onnx
+from kolite.models.weights import GPT2Weights, open_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -102,12 +98,18 @@ def _expected_manifest(files: ModelFiles, kernels: Kernels) -> dict:
 def build_graph_files(files: ModelFiles, cfg: GPT2Config, precision: str, out_dir: Path,
                       *, scheme: str = "per-token", int8_weights: str | None = None,
                       progress: Progress | None = None) -> Path:
-    """Convert the checkpoint in `files` to `out_dir/model.onnx`; returns that path.
+    """Convert the checkpoint in `files` to `out_dir/model.onnx` (weights in `model.onnx.data`); returns that path.
 
     int8 "per-token" and int4 are built straight into the graph (int8 weights per column with
     activations quantized per token at run time; int4 blocks for onnxruntime's MatMulNBits);
     int8 "ort-dynamic" builds fp32 and runs onnxruntime's `quantize_dynamic` (per-channel) over it.
     `int8_weights` is the int8 weight form ("s8" or "u8"; None: the one exact on this CPU).
+
+    Streamed, so a Pi can convert KoGPT2: the checkpoint is read one tensor at a time and each weight,
+    quantized as it comes, goes straight into the external-data file (`build_gpt2_graph`'s
+    `external_data`); the largest thing in memory is the token embedding and one form of it
+    (benchmarks/bench_convert.py measures the peak). onnxruntime's `quantize_dynamic` loads a whole graph,
+    so "ort-dynamic" peaks higher.
     """
     import onnx
 
@@ -115,48 +117,38 @@ def build_graph_files(files: ModelFiles, cfg: GPT2Config, precision: str, out_di
     from kolite.engine.quantize import quantize_int8
 
     say = progress or (lambda _msg: None)
-    say(f"reading weights {files.weights.name}")
-    weights = gpt2_weights(load_state_dict(files.weights), cfg)
-    say(f"building GPT-2 graph ({cfg.n_layer} layers, {cfg.n_embd} wide, vocab {cfg.vocab_size})")
     ort_dynamic = precision == "int8" and scheme == "ort-dynamic"
     quant = "fp32" if ort_dynamic else precision
-    if quant == "int8":
-        say("quantizing weights to int8 (per column; activations per token at run time)")
-    elif quant == "int4":
-        say("quantizing weights to int4 (blocks of 32, as llama.cpp's Q4_0)")
-    # Quantized graphs keep a float16 KV cache (as llama.cpp does); fp32 stays exact end to end.
-    model = build_gpt2_graph(cfg, weights, quant=quant, kv_cache="fp32" if quant == "fp32" else "fp16",
-                             int8_weights=int8_weights)  # type: ignore[arg-type]
-    del weights
     target = out_dir / GRAPH
+    graph = out_dir / "model.fp32.onnx" if ort_dynamic else target
+    say(f"reading weights {files.weights.name} (one tensor at a time)")
+    with open_checkpoint(files.weights) as checkpoint:
+        weights = GPT2Weights(checkpoint, cfg)
+        say(f"building GPT-2 graph ({cfg.n_layer} layers, {cfg.n_embd} wide, vocab {cfg.vocab_size})")
+        if quant == "int8":
+            say("quantizing weights to int8 (per column; activations per token at run time)")
+        elif quant == "int4":
+            say("quantizing weights to int4 (blocks of 32, as llama.cpp's Q4_0)")
+        # Quantized graphs keep a float16 KV cache (as llama.cpp does); fp32 stays exact end to end.
+        model = build_gpt2_graph(cfg, weights, quant=quant, kv_cache="fp32" if quant == "fp32" else "fp16",
+                                 int8_weights=int8_weights,  # type: ignore[arg-type]
+                                 external_data=_data_file(graph))
+    onnx.save_model(model, str(graph))  # the graph alone: its weights are in the data file already
     if not ort_dynamic:
-        save_graph(model, target)
         return target
-    fp32_path = out_dir / "model.fp32.onnx"
-    onnx.save_model(model, str(fp32_path))
     del model
     gc.collect()
     say("quantizing to int8 with onnxruntime's quantize_dynamic (per-channel)")
-    quantized = out_dir / "model.int8.onnx"
-    quantize_int8(fp32_path, quantized, per_channel=True, int8_weights=int8_weights)  # type: ignore[arg-type]
-    fp32_path.unlink()
-    save_graph(onnx.load(str(quantized)), target)
-    quantized.unlink()
+    quantize_int8(graph, target, per_channel=True, int8_weights=int8_weights,  # type: ignore[arg-type]
+                  external_data=True)
+    graph.unlink()
+    _data_file(graph).unlink()
     return target
 
 
-def save_graph(model: onnx.ModelProto, path: Path) -> None:
-    """Write the graph with its weights in one external file beside it (`model.onnx.data`).
-
-    Why: onnxruntime maps an external weights file instead of parsing a protobuf that holds them, so
-    a session opens with ~50 MB less resident memory and a lower peak, and a table read by `Gather`
-    (the token embedding) is paged in only where rows are read (KoGPT2 int8, measured: 230 -> 178 MB
-    after load, peak 267 -> 215 MB). It also lifts protobuf's 2 GB limit on a single file.
-    """
-    import onnx
-
-    onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                    location=path.name + ".data", size_threshold=1024)
+def _data_file(graph: Path) -> Path:
+    """Where a graph's weights live: `model.onnx.data` beside `model.onnx`."""
+    return graph.with_name(graph.name + ".data")
 
 
 def prepare_model(settings: ModelSettings, *, progress: Progress | None = None,

@@ -1,22 +1,34 @@
-"""Checkpoint weights to numpy without torch: safetensors, and PyTorch pickles via a locked-down unpickler.
+"""Checkpoint weights to numpy without torch, one tensor at a time: safetensors, and PyTorch pickles via a
+locked-down unpickler.
 
 KoGPT2 on the hub ships only `pytorch_model.bin`, a pickle. `torch.load` would need torch (gigabytes on a Pi)
-and an unrestricted pickle runs arbitrary code, so `read_torch_bin` rebuilds tensors itself and refuses every
+and an unrestricted pickle runs arbitrary code, so the reader rebuilds tensors itself and refuses every
 global that is not a plain tensor/storage constructor.
+
+Conversion has to fit a Pi's memory, so `open_checkpoint` reads only the file's index (safetensors' header,
+the pickle's tensor records) and a tensor's bytes when that tensor is asked for: the converter holds one
+tensor at a time, never the whole 500 MB model. Tensors are read with plain file reads into their own
+array, not through a memory map, because a mapped file's pages count as the process's resident memory for
+as long as it stays mapped (reading all of KoGPT2 through one safetensors `safe_open` left 510 MB of the
+file resident; see benchmarks/bench_convert.py).
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
 import io
 import json
+import os
 import pickle
 import re
 import struct
 import tarfile
 import zipfile
-from collections.abc import Callable
+import zlib
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import IO, Any
 
@@ -28,6 +40,7 @@ from kolite.models.gpt2config import GPT2Config
 SAFETENSORS_NAME = "model.safetensors"
 TORCH_BIN_NAME = "pytorch_model.bin"
 TORCH_SUFFIXES = (".bin", ".pt", ".pth")
+_READ_CHUNK = 8 * 2**20  # zip members are read in pieces: zipfile's readinto would hold a second copy
 
 # ----------------------------------------------------------------------------------------------------
 # dtypes
@@ -35,7 +48,7 @@ TORCH_SUFFIXES = (".bin", ".pt", ".pth")
 
 def bf16_to_f32(bits: np.ndarray) -> np.ndarray:
     """bfloat16 is the top half of a float32, so widening is a 16-bit shift (numpy has no bfloat16)."""
-    return (bits.astype("<u4") << 16).view("<f4").astype(np.float32)
+    return (bits.astype("<u4") << 16).view("<f4").astype(np.float32, copy=False)
 
 
 def _as_float32(arr: np.ndarray) -> np.ndarray:
@@ -47,23 +60,88 @@ def _as_float32(arr: np.ndarray) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------------------------------
-# entry point
+# one tensor at a time
+
+
+@dataclass(frozen=True)
+class _TensorInfo:
+    """What a file's index says about one tensor; its bytes are read only by `read`."""
+
+    shape: tuple[int, ...]
+    identity: tuple[object, ...]  # equal identities: the same bytes of the file, hence equal tensors
+    read: Callable[[], np.ndarray]  # a new array as stored (bf16 widened to float32)
+
+
+class Checkpoint(Mapping[str, np.ndarray]):
+    """An open weights file whose tensors are read one at a time, when asked for.
+
+    Indexing reads the tensor from the file each time (floating tensors as float32, as `load_state_dict`
+    gives them), so the caller decides how long it stays in memory; names, shapes and shared storage come
+    from the index alone. Close it (or use it as a context manager) to release the file.
+    """
+
+    def __init__(self, path: Path, tensors: dict[str, _TensorInfo], close: Callable[[], None]) -> None:
+        self.path = path
+        self._tensors = tensors
+        self._close = close
+
+    def __getitem__(self, key: str) -> np.ndarray:
+        return _as_float32(self.stored(key))
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._tensors)
+
+    def __len__(self) -> int:
+        return len(self._tensors)
+
+    def __contains__(self, key: object) -> bool:  # Mapping's default would read the tensor
+        return key in self._tensors
+
+    def stored(self, key: str) -> np.ndarray:
+        """The tensor in its stored dtype (bf16, which numpy lacks, widened to float32)."""
+        return self._tensors[key].read()
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return self._tensors[key].shape
+
+    def same_data(self, a: str, b: str) -> bool:
+        """Whether two names view the same bytes (a tied head saved beside its embedding), without reading."""
+        return self._tensors[a].identity == self._tensors[b].identity
+
+    def close(self) -> None:
+        self._close()
+
+    def __enter__(self) -> Checkpoint:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
+
+
+def open_checkpoint(path: Path) -> Checkpoint:
+    """Open a `.safetensors`/`.bin` file or a checkpoint folder to read tensor by tensor.
+
+    Everything that can be checked without the tensors' bytes (format, header, pickle safety, each
+    tensor's geometry against its storage) is checked here, before any weight is read.
+    """
+    path = _weights_file(Path(path))
+    return _open_safetensors(path) if path.name.endswith(".safetensors") else _open_torch(path)
 
 
 def load_state_dict(path: Path) -> dict[str, np.ndarray]:
-    """Read a `.safetensors`/`.bin` file or a checkpoint folder; floating tensors come back as float32."""
-    path = Path(path)
+    """Read a `.safetensors`/`.bin` file or a checkpoint folder whole; floating tensors come back as float32."""
+    with open_checkpoint(path) as ckpt:
+        return dict(ckpt.items())
+
+
+def _weights_file(path: Path) -> Path:
     if path.is_dir():
         path = _weights_in_folder(path)
     if not path.is_file():
         raise ModelFormatError(f"weights file {path} does not exist")
-    if path.name.endswith(".safetensors"):
-        sd = read_safetensors(path)
-    elif path.suffix in TORCH_SUFFIXES:
-        sd = read_torch_bin(path)
-    else:
+    if not (path.name.endswith(".safetensors") or path.suffix in TORCH_SUFFIXES):
         raise ModelFormatError(f"{path.name}: unknown weights format (expected .safetensors or .bin)")
-    return {k: _as_float32(v) for k, v in sd.items()}
+    return path
 
 
 def _weights_in_folder(folder: Path) -> Path:
@@ -74,6 +152,16 @@ def _weights_in_folder(folder: Path) -> Path:
     if any(folder.glob("*.index.json")):
         raise ModelFormatError(f"{folder}: sharded checkpoints are not supported (GPT-2 models fit one file)")
     raise ModelFormatError(f"{folder} has neither {SAFETENSORS_NAME} nor {TORCH_BIN_NAME}")
+
+
+def _read_at(fh: IO[bytes], offset: int, count: int, dtype: np.dtype) -> np.ndarray:
+    """`count` elements from byte `offset` of an open file, read straight into a new array (no second copy)."""
+    arr = np.empty(count, dtype)
+    fh.seek(offset)
+    got = fh.readinto(arr.view(np.uint8)) if arr.nbytes else 0
+    if got != arr.nbytes:
+        raise ModelFormatError(f"{getattr(fh, 'name', 'checkpoint')}: truncated ({got} of {arr.nbytes} bytes)")
+    return arr
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -87,46 +175,70 @@ _MAX_HEADER = 100_000_000  # the format's own limit: refuse absurd headers befor
 
 
 def read_safetensors(path: Path) -> dict[str, np.ndarray]:
-    """safetensors' numpy loader, or our own header walk when it cannot express a dtype (bf16)."""
-    from safetensors.numpy import load_file
+    """Every tensor of a safetensors file as stored (bf16, which numpy lacks, widened to float32)."""
+    with _open_safetensors(Path(path)) as ckpt:
+        return {k: ckpt.stored(k) for k in ckpt}
+
+
+def _open_safetensors(path: Path) -> Checkpoint:
+    """safetensors' own parser validates the file; tensors are then read by the offsets in its header
+    (the library reads only through a map of the whole file, see the module docstring)."""
+    _check_safetensors(path)
+    with contextlib.ExitStack() as stack:
+        fh = stack.enter_context(open(path, "rb"))
+        header, body_start, body_size = _st_header(fh, path)
+        try:
+            tensors = {k: _st_info(fh, path, k, v, body_start, body_size)
+                       for k, v in header.items() if k != "__metadata__"}
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise ModelFormatError(f"{path}: corrupt safetensors header: {exc!r}") from exc
+        stack.pop_all()
+    return Checkpoint(path, tensors, fh.close)
+
+
+def _check_safetensors(path: Path) -> None:
+    from safetensors import safe_open
 
     try:
-        return load_file(str(path))
-    except TypeError:  # "data type 'bfloat16' not understood": numpy has no bf16
-        return _read_safetensors_raw(Path(path))
+        with safe_open(str(path), framework="numpy"):
+            pass
     except Exception as exc:  # safetensors raises its own SafetensorError for corrupt files
         raise ModelFormatError(f"cannot read {path}: {exc}") from exc
 
 
-def _read_safetensors_raw(path: Path) -> dict[str, np.ndarray]:
-    """Parse the documented layout (u64 header size, JSON header, raw little-endian bytes) ourselves."""
-    data = np.memmap(path, dtype=np.uint8, mode="r")
-    if data.size < 8:
+def _st_header(fh: IO[bytes], path: Path) -> tuple[dict, int, int]:
+    """The documented layout: u64 header size, JSON header, then the tensors' little-endian bytes."""
+    size = os.fstat(fh.fileno()).st_size
+    head = fh.read(8)
+    if len(head) < 8:
         raise ModelFormatError(f"{path}: too short for safetensors")
-    (n,) = struct.unpack("<Q", data[:8].tobytes())
-    if n > _MAX_HEADER or 8 + n > data.size:
+    (n,) = struct.unpack("<Q", head)
+    if n > _MAX_HEADER or 8 + n > size:
         raise ModelFormatError(f"{path}: corrupt safetensors header size {n}")
     try:
-        header = json.loads(data[8 : 8 + n].tobytes())
+        header = json.loads(fh.read(n))
     except ValueError as exc:
         raise ModelFormatError(f"{path}: corrupt safetensors header: {exc}") from exc
-    body = data[8 + n :]
-    try:
-        return {k: _st_tensor(path, k, v, body) for k, v in header.items() if k != "__metadata__"}
-    except (KeyError, TypeError, ValueError, AttributeError) as exc:
-        raise ModelFormatError(f"{path}: corrupt safetensors header: {exc!r}") from exc
+    if not isinstance(header, dict):
+        raise ModelFormatError(f"{path}: corrupt safetensors header")
+    return header, 8 + n, size - 8 - n
 
 
-def _st_tensor(path: Path, key: str, info: dict, body: np.ndarray) -> np.ndarray:
+def _st_info(fh: IO[bytes], path: Path, key: str, info: dict, body_start: int, body_size: int) -> _TensorInfo:
     dtype = _ST_DTYPES.get(info.get("dtype"))
     if dtype is None:
         raise ModelFormatError(f"{path}: tensor {key!r} has unsupported dtype {info.get('dtype')!r}")
     shape = tuple(int(d) for d in info["shape"])
     start, end = (int(x) for x in info["data_offsets"])
-    if not 0 <= start <= end <= body.size or end - start != np.dtype(dtype).itemsize * int(np.prod(shape)):
+    if not 0 <= start <= end <= body_size or end - start != np.dtype(dtype).itemsize * int(np.prod(shape)):
         raise ModelFormatError(f"{path}: tensor {key!r} has offsets outside the file")
-    arr = np.array(body[start:end]).view(dtype).reshape(shape)
-    return bf16_to_f32(arr) if info["dtype"] == "BF16" else arr
+    read = partial(_read_st, fh, body_start + start, np.dtype(dtype), shape, info["dtype"] == "BF16")
+    return _TensorInfo(shape, ("safetensors", start, end), read)
+
+
+def _read_st(fh: IO[bytes], offset: int, dtype: np.dtype, shape: tuple[int, ...], bf16: bool) -> np.ndarray:
+    arr = _read_at(fh, offset, int(np.prod(shape)), dtype).reshape(shape)
+    return bf16_to_f32(arr) if bf16 else arr
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -150,15 +262,22 @@ _STORAGE_TYPES = {
 
 @dataclass
 class _Storage:
-    """One flat buffer; several tensors may view it (tied weights, slices, transposes)."""
+    """One flat buffer in the file; several tensors may view it (tied weights, slices, transposes).
+
+    Unpickling records only where it is: `read(first, count)` fetches a range of its elements when a
+    tensor is read (legacy files place their storages after the pickle, so `read` is set later).
+    """
 
     kind: _StorageType
-    data: np.ndarray
+    key: str
+    dtype: np.dtype
+    numel: int
+    read: Callable[[int, int], np.ndarray] | None = None
 
 
 @dataclass
 class _LazyTensor:
-    """A tensor recorded during unpickling; legacy files fill storages only after the pickle ends."""
+    """A tensor recorded during unpickling: a view of a storage."""
 
     storage: _Storage
     offset: int
@@ -229,19 +348,26 @@ def _np_dtype(kind: _StorageType, big_endian: bool = False) -> np.dtype:
 
 
 def read_torch_bin(path: Path) -> dict[str, np.ndarray]:
-    """Read `torch.save` output (zip, or the pre-1.6 legacy stream) without torch or arbitrary code."""
-    path = Path(path)
+    """Read `torch.save` output (zip, or the pre-1.6 legacy stream) whole, without torch or arbitrary code."""
+    with _open_torch(Path(path)) as ckpt:
+        return {k: ckpt.stored(k) for k in ckpt}
+
+
+def _open_torch(path: Path) -> Checkpoint:
     if zipfile.is_zipfile(path):
-        result = _load_zip(path)
-    elif tarfile.is_tarfile(path):
+        return _open_zip(path)
+    if tarfile.is_tarfile(path):
         raise ModelFormatError(f"{path.name}: the pre-2018 tar checkpoint format is not supported")
-    else:
-        result = _load_legacy(path)
-    return _state_dict(result, path)
+    return _open_legacy(path)
 
 
-def _load_zip(path: Path) -> Any:
-    with zipfile.ZipFile(path) as zf:
+def _open_zip(path: Path) -> Checkpoint:
+    """torch's zip layout: `<prefix>/data.pkl` (the state dict) and one member per storage, `<prefix>/data/<key>`.
+
+    Unpickling only records each storage's member; a tensor reads its range of the member when asked for.
+    """
+    with contextlib.ExitStack() as stack:
+        zf = stack.enter_context(zipfile.ZipFile(path))
         names = zf.namelist()
         pkl = next((n for n in names if n == "data.pkl" or n.endswith("/data.pkl")), None)
         if pkl is None:
@@ -253,36 +379,50 @@ def _load_zip(path: Path) -> Any:
         def load(pid: Any) -> _Storage:
             kind, key, numel, _ = _storage_id(pid)
             if key not in storages:
-                dt = _np_dtype(kind, big)
-                data = _read_member(zf, f"{prefix}data/{key}", numel * dt.itemsize, dt)
-                storages[key] = _Storage(kind, data)
+                storages[key] = _zip_storage(zf, f"{prefix}data/{key}", kind, key, numel, big)
             return storages[key]
 
-        return _unpickle(zf.read(pkl), load)
+        tensors = _tensor_index(_unpickle(zf.read(pkl), load), path)
+        stack.pop_all()
+    return Checkpoint(path, tensors, zf.close)
 
 
-def _read_member(zf: zipfile.ZipFile, name: str, nbytes: int, dtype: np.dtype) -> np.ndarray:
-    """Read straight into a writable buffer: one copy of the weights in memory, not two."""
+def _zip_storage(zf: zipfile.ZipFile, name: str, kind: _StorageType, key: str, numel: int,
+                 big: bool) -> _Storage:
+    dt = _np_dtype(kind, big)
     try:
         size = zf.getinfo(name).file_size
     except KeyError:
         raise ModelFormatError(f"storage {name!r} is missing from the checkpoint") from None
-    if size < nbytes:  # checked before allocating: a forged numel must not exhaust memory
-        raise ModelFormatError(f"storage {name!r} is truncated ({size} of {nbytes} bytes)")
-    buf = bytearray(nbytes)
-    with zf.open(name) as fh:
-        got = fh.readinto(buf)
-    if got != nbytes:
-        raise ModelFormatError(f"storage {name!r} is truncated ({got} of {nbytes} bytes)")
-    return np.frombuffer(buf, dtype=dtype)
+    if size < numel * dt.itemsize:  # checked before any read: a forged numel must not exhaust memory
+        raise ModelFormatError(f"storage {name!r} is truncated ({size} of {numel * dt.itemsize} bytes)")
+    return _Storage(kind, key, dt, numel, partial(_read_zip_member, zf, name, dt))
+
+
+def _read_zip_member(zf: zipfile.ZipFile, name: str, dtype: np.dtype, first: int, count: int) -> np.ndarray:
+    """Elements [first, first + count) of a storage member, read in pieces straight into a new array."""
+    arr = np.empty(count, dtype)
+    view = memoryview(arr.view(np.uint8))
+    got = 0
+    try:
+        with zf.open(name) as fh:
+            fh.seek(first * dtype.itemsize)
+            while got < len(view) and (n := fh.readinto(view[got : got + _READ_CHUNK])):
+                got += n
+    except (zipfile.BadZipFile, zlib.error, OSError, EOFError) as exc:
+        raise ModelFormatError(f"storage {name!r} cannot be read: {exc}") from exc
+    if got != len(view):
+        raise ModelFormatError(f"storage {name!r} is truncated ({got} of {len(view)} bytes)")
+    return arr
 
 
 _LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 
 
-def _load_legacy(path: Path) -> Any:
+def _open_legacy(path: Path) -> Checkpoint:
     """Layout: magic, protocol, sys_info, the state pickle, storage keys, then each storage's bytes."""
-    with open(path, "rb") as f:
+    with contextlib.ExitStack() as stack:
+        f = stack.enter_context(open(path, "rb"))
         if _unpickle(f) != _LEGACY_MAGIC:
             raise ModelFormatError(f"{path.name} is not a PyTorch checkpoint (bad magic number)")
         _unpickle(f)  # protocol version
@@ -299,28 +439,34 @@ def _load_legacy(path: Path) -> Any:
             if numel * dt.itemsize > file_size:  # a forged numel must not exhaust memory
                 raise ModelFormatError(f"{path.name}: storage {key!r} is larger than the file")
             if key not in storages:
-                storages[key] = _Storage(kind, np.zeros(numel, dtype=dt))
+                storages[key] = _Storage(kind, key, dt, numel)
             return storages[key]
 
         result = _unpickle(f, load)
         keys = _unpickle(f)
         for key in keys if isinstance(keys, list) else ():
-            _fill_legacy_storage(f, storages.get(str(key)), path)
-        return result
+            _locate_legacy_storage(f, storages.get(str(key)), path, file_size)
+        tensors = _tensor_index(result, path)
+        stack.pop_all()
+    return Checkpoint(path, tensors, f.close)
 
 
-def _fill_legacy_storage(f: IO[bytes], storage: _Storage | None, path: Path) -> None:
+def _locate_legacy_storage(f: IO[bytes], storage: _Storage | None, path: Path, file_size: int) -> None:
+    """Note where a storage's bytes are (after its 8-byte element count) and skip over them."""
     if storage is None:
         raise ModelFormatError(f"{path.name}: storage list names an unknown storage")
     head = f.read(8)
     numel = struct.unpack("<q", head)[0] if len(head) == 8 else -1
-    if numel != storage.data.size:
+    start = f.tell()
+    nbytes = numel * storage.dtype.itemsize
+    if numel != storage.numel or start + nbytes > file_size:
         raise ModelFormatError(f"{path.name}: storage is truncated or mis-sized")
-    dt = storage.data.dtype
-    raw = f.read(numel * dt.itemsize)
-    if len(raw) != numel * dt.itemsize:
-        raise ModelFormatError(f"{path.name}: storage is truncated or mis-sized")
-    storage.data[:] = np.frombuffer(raw, dtype=dt)
+    f.seek(nbytes, os.SEEK_CUR)
+    storage.read = partial(_read_legacy_storage, f, start, storage.dtype)
+
+
+def _read_legacy_storage(f: IO[bytes], start: int, dtype: np.dtype, first: int, count: int) -> np.ndarray:
+    return _read_at(f, start + first * dtype.itemsize, count, dtype)
 
 
 def _unpickle(data: bytes | IO[bytes], persistent_load: Callable[[Any], Any] | None = None) -> Any:
@@ -334,37 +480,44 @@ def _unpickle(data: bytes | IO[bytes], persistent_load: Callable[[Any], Any] | N
         raise ModelFormatError(f"corrupt checkpoint pickle: {exc!r}") from exc
 
 
-def _state_dict(obj: Any, path: Path) -> dict[str, np.ndarray]:
-    """Materialise the top-level {name: tensor} mapping; non-tensor entries (e.g. counters) are dropped."""
+def _tensor_index(obj: Any, path: Path) -> dict[str, _TensorInfo]:
+    """The top-level {name: tensor} mapping, checked; non-tensor entries (e.g. counters) are dropped."""
     if not isinstance(obj, dict):
         raise ModelFormatError(f"{path.name} holds a {type(obj).__name__}, not a state dict")
-    return {str(k): _materialise(v, str(k)) for k, v in obj.items() if isinstance(v, _LazyTensor)}
+    return {str(k): _torch_info(v, str(k), path) for k, v in obj.items() if isinstance(v, _LazyTensor)}
 
 
-def _materialise(t: _LazyTensor, key: str) -> np.ndarray:
-    """Copy the strided view out of its storage, after checking it stays inside (as_strided does not)."""
-    buf = t.storage.data
+def _torch_info(t: _LazyTensor, key: str, path: Path) -> _TensorInfo:
+    """Check that the strided view stays inside its storage (as_strided does not) before anything is read."""
     if len(t.size) != len(t.stride) or min((*t.size, *t.stride, t.offset), default=0) < 0:
         raise ModelFormatError(f"tensor {key!r} has invalid size/stride")
     if 0 not in t.size:
-        last = t.offset + sum((n - 1) * s for n, s in zip(t.size, t.stride, strict=True))
-        if last >= buf.size:
+        if t.offset + _span(t) > t.storage.numel:
             raise ModelFormatError(f"tensor {key!r} reaches past the end of its storage")
-        arr = _strided(buf, t)
+        if t.storage.read is None:
+            raise ModelFormatError(f"{path.name}: the bytes of tensor {key!r} are not in the file")
+    return _TensorInfo(t.size, ("torch", t.storage.key, t.offset, t.size, t.stride), partial(_read_tensor, t))
+
+
+def _span(t: _LazyTensor) -> int:
+    """Storage elements from the tensor's first to its last."""
+    return 1 + sum((n - 1) * s for n, s in zip(t.size, t.stride, strict=True))
+
+
+def _read_tensor(t: _LazyTensor) -> np.ndarray:
+    """Read just the storage range the tensor covers; a contiguous tensor is that range, others are copied out."""
+    if 0 in t.size:
+        arr = np.zeros(t.size, dtype=t.storage.dtype)
     else:
-        arr = np.zeros(t.size, dtype=buf.dtype)
+        assert t.storage.read is not None  # checked by _torch_info
+        flat = t.storage.read(t.offset, _span(t))
+        if t.stride == _contiguous_strides(t.size):
+            arr = flat.reshape(t.size)
+        else:
+            strides = tuple(s * flat.itemsize for s in t.stride)
+            arr = np.lib.stride_tricks.as_strided(flat, shape=t.size, strides=strides, writeable=False).copy()
     arr = arr.astype(arr.dtype.newbyteorder("=")) if not arr.dtype.isnative else arr
     return bf16_to_f32(arr) if t.storage.kind.dtype == "bf16" else arr
-
-
-def _strided(buf: np.ndarray, t: _LazyTensor) -> np.ndarray:
-    """A contiguous tensor is a plain slice (no copy: a 500 MB model must fit a Pi); others are copied out."""
-    numel = int(np.prod(t.size))
-    if t.stride == _contiguous_strides(t.size):
-        return buf[t.offset : t.offset + numel].reshape(t.size)
-    strides = tuple(s * buf.itemsize for s in t.stride)
-    view = np.lib.stride_tricks.as_strided(buf[t.offset :], shape=t.size, strides=strides, writeable=False)
-    return view.copy()
 
 
 def _contiguous_strides(size: tuple[int, ...]) -> tuple[int, ...]:
@@ -412,29 +565,61 @@ def _canonical_key(key: str) -> str | None:
     return key if key.startswith("lm_head.") else _PREFIX + bare
 
 
-def gpt2_weights(sd: dict[str, np.ndarray], cfg: GPT2Config) -> dict[str, np.ndarray]:
+def gpt2_weights(sd: Mapping[str, np.ndarray], cfg: GPT2Config) -> dict[str, np.ndarray]:
     """Canonical float32 GPT-2 weights, checked against `cfg`, so the graph builder can trust every shape."""
-    named = {ck: v for k, v in sd.items() if (ck := _canonical_key(k)) is not None}
-    _check_tied_head(named)
-    expected = gpt2_shapes(cfg)
-    missing = [k for k in expected if k not in named]
-    wrong = [f"{k}: {tuple(named[k].shape)} != {s}" for k, s in expected.items()
-             if k in named and tuple(named[k].shape) != s]
-    if missing or wrong:
-        raise ModelFormatError(_shape_report(missing, wrong))
-    return {k: np.ascontiguousarray(named[k], dtype=np.float32) for k in expected}
+    return dict(GPT2Weights(sd, cfg).items())
 
 
-def _check_tied_head(named: dict[str, np.ndarray]) -> None:
-    """The graph reuses wte as the output projection; a different lm_head would silently change the model."""
-    head = named.pop("lm_head.weight", None)
-    wte = named.get("transformer.wte.weight")
-    if head is None or wte is None:
-        return
-    if head.shape != wte.shape or not np.array_equal(head.astype(np.float32), wte.astype(np.float32)):
-        raise ModelFormatError(
-            "lm_head.weight differs from transformer.wte.weight; untied heads are not supported"
-        )
+class GPT2Weights(Mapping[str, np.ndarray]):
+    """The canonical GPT-2 weights of a state dict or an open `Checkpoint`, read only when asked for.
+
+    Names, shapes and the tied head are checked against `cfg` up front, from a checkpoint's index alone;
+    each weight is fetched (as contiguous float32) when it is indexed, so over a `Checkpoint` the graph
+    builder holds one tensor at a time instead of the whole model.
+    """
+
+    def __init__(self, sd: Mapping[str, np.ndarray], cfg: GPT2Config) -> None:
+        self._sd = sd
+        names = {ck: k for k in sd if (ck := _canonical_key(k)) is not None}
+        head = names.pop("lm_head.weight", None)
+        if head is not None and "transformer.wte.weight" in names:
+            _check_tied_head(sd, head, names["transformer.wte.weight"])
+        expected = gpt2_shapes(cfg)
+        missing = [k for k in expected if k not in names]
+        wrong = [f"{k}: {shape} != {s}" for k, s in expected.items()
+                 if k in names and (shape := _shape_of(sd, names[k])) != s]
+        if missing or wrong:
+            raise ModelFormatError(_shape_report(missing, wrong))
+        self._names = {k: names[k] for k in expected}
+
+    def __getitem__(self, key: str) -> np.ndarray:
+        return np.ascontiguousarray(self._sd[self._names[key]], dtype=np.float32)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+    def __contains__(self, key: object) -> bool:  # Mapping's default would read the weight
+        return key in self._names
+
+
+def _shape_of(sd: Mapping[str, np.ndarray], key: str) -> tuple[int, ...]:
+    return sd.shape(key) if isinstance(sd, Checkpoint) else tuple(np.shape(sd[key]))
+
+
+def _check_tied_head(sd: Mapping[str, np.ndarray], head: str, wte: str) -> None:
+    """The graph reuses wte as the output projection; a different lm_head would silently change the model.
+
+    A checkpoint that saved the tied head as a view of wte's storage is known equal without reading it.
+    """
+    if _shape_of(sd, head) == _shape_of(sd, wte):
+        if isinstance(sd, Checkpoint) and sd.same_data(head, wte):
+            return
+        if np.array_equal(np.asarray(sd[head], np.float32), np.asarray(sd[wte], np.float32)):
+            return
+    raise ModelFormatError("lm_head.weight differs from transformer.wte.weight; untied heads are not supported")
 
 
 def _shape_report(missing: list[str], wrong: list[str], limit: int = 8) -> str:
