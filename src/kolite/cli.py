@@ -67,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     pull = sub.add_parser("pull", help="download and convert a model, then exit")
     pull.add_argument("model_name", nargs="?", metavar="MODEL", help="hub id or local folder")
-    add_settings_flags(pull, ModelSettings, skip=("threads",))
+    add_settings_flags(pull, ModelSettings, skip=("threads", "max_kv_tokens"))
 
     from kolite.bench import RANDOM_SHAPES
 

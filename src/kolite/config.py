@@ -18,6 +18,10 @@ DEFAULT_MODEL = "skt/kogpt2-base-v2"
 Precision = Literal["auto", "int8", "int4", "fp32"]
 Int8Scheme = Literal["per-token", "ort-dynamic"]
 Int8WeightsSetting = Literal["auto", "s8", "u8"]
+# The KV pool's default: 4 full KoGPT2 contexts, or 8 streams of 512 tokens (144 MB in float16 for KoGPT2).
+# Why not max_batch x 1024: 8 full contexts are 288 MB of cache alone; with the ~270 MB a warm server holds
+# and a long prompt's scratch that is ~0.65 GB, too much for a 1 GB board beside its system.
+DEFAULT_MAX_KV_TOKENS = 4096
 
 
 def default_threads() -> int:
@@ -112,6 +116,11 @@ class ModelSettings(BaseSettings):
     cache_dir: Path | None = Field(None, description="Hub download cache (default: HF_HOME's hub cache).")
     kolite_home: Path = Field(default_factory=default_kolite_home, description="Where converted graphs go.")
     threads: int = Field(default_factory=default_threads, ge=1, le=256, description="ONNX Runtime threads.")
+    max_kv_tokens: int = Field(
+        DEFAULT_MAX_KV_TOKENS, ge=2, le=1_048_576,
+        description="KV cache tokens all running requests may hold together (each reserves its prompt + max new "
+        "tokens); more requests wait in the queue, one larger than this is refused (400). 4096 = 144 MB for KoGPT2 "
+        "int8: a server peak of about 0.5 GB, which leaves a 1 GB board room.")
     local_files_only: bool = Field(False, description="Never touch the network (also set by HF_HUB_OFFLINE=1).")
 
 

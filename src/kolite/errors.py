@@ -19,6 +19,11 @@ class ContextTooLong(InvalidRequest):
     """Prompt plus requested tokens do not fit the model's context window (HTTP 400)."""
 
 
+class KVPoolExceeded(ContextTooLong):
+    """Prompt plus requested tokens need more KV cache than the server's whole pool (`max_kv_tokens`)
+    holds (HTTP 400): such a request could never be admitted, so it is refused instead of waiting."""
+
+
 class ModelNotReady(KoliteError):
     """The model is still loading or failed to load (HTTP 503)."""
 

@@ -14,13 +14,13 @@ import threading
 import time
 import weakref
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from kolite.chat.templates import ChatTemplate, template_for
 from kolite.config import ModelSettings
 from kolite.engine.runtime import GPT2Runtime, RuntimeOptions
 from kolite.engine.sampling import SamplingParams
-from kolite.engine.scheduler import Request, Scheduler, SchedulerOptions
+from kolite.engine.scheduler import Request, Scheduler, SchedulerOptions, check_kv_pool
 from kolite.engine.sequence import Finish, Sequence, TokenEvent
 from kolite.errors import GenerationFailed, ModelNotReady, RequestTimeout
 from kolite.models.convert import PreparedModel, prepare_model
@@ -38,20 +38,29 @@ class State(enum.StrEnum):
 
 @dataclass
 class LoadedModel:
-    """A model ready to generate: its files, tokenizer and runtime."""
+    """A model ready to generate: its files, tokenizer and runtime, and the KV pool it is served with."""
 
     prepared: PreparedModel
     tokenizer: Tokenizer
     runtime: GPT2Runtime
     chat_template: ChatTemplate
     load_seconds: float
+    kv_pool: int | None = None  # the scheduler's `max_kv_tokens`, once it serves
 
     @property
     def n_positions(self) -> int:
-        return self.prepared.config.n_positions
+        """Tokens one request may use: the model's context window, or the KV pool when that is smaller
+        (so answers that fill "the rest of the window" fit the pool instead of being refused)."""
+        window = min(self.prepared.config.n_positions, self.runtime.capacity)
+        return min(window, self.kv_pool) if self.kv_pool else window
 
     def new_sequence(self, prompt_ids: list[int], params: SamplingParams) -> Sequence:
-        return Sequence(prompt_ids, params, self.tokenizer, self.n_positions)
+        """A sequence for the scheduler; 400 (ContextTooLong) when it exceeds the model's window or,
+        with a smaller pool, KVPoolExceeded, whose message names the pool."""
+        seq = Sequence(prompt_ids, params, self.tokenizer, self.prepared.config.n_positions)
+        if self.kv_pool is not None:
+            check_kv_pool(len(prompt_ids), params.max_new_tokens, self.kv_pool)
+        return seq
 
 
 def load_model(settings: ModelSettings, progress: Callable[[str], None] | None = None) -> LoadedModel:
@@ -63,7 +72,10 @@ def load_model(settings: ModelSettings, progress: Callable[[str], None] | None =
     tokenizer = Tokenizer.from_files(files.tokenizer, profile, vocab=files.vocab, merges=files.merges)
     chat_template = template_for(tokenizer, files.tokenizer_config,
                                  chat_template_file=files.root / "chat_template.jinja")
-    runtime = GPT2Runtime(prepared.graph, prepared.config, RuntimeOptions(threads=settings.threads))
+    # A slot never holds more than the pool, and attention's prefill scratch is [heads, chunk, capacity]:
+    # a pool smaller than the context window makes both smaller.
+    capacity = min(prepared.config.n_positions, settings.max_kv_tokens)
+    runtime = GPT2Runtime(prepared.graph, prepared.config, RuntimeOptions(threads=settings.threads), capacity=capacity)
     return LoadedModel(prepared, tokenizer, runtime, chat_template, time.perf_counter() - started)
 
 
@@ -76,7 +88,10 @@ class ModelService:
         self.settings = settings
         self.model_name = settings.model
         self._loader = loader
-        self._scheduler_options = scheduler_options or SchedulerOptions()
+        options = scheduler_options or SchedulerOptions()
+        if options.max_kv_tokens is None:  # the setting, unless the caller chose a pool
+            options = replace(options, max_kv_tokens=settings.max_kv_tokens)
+        self._scheduler_options = options
         self.state = State.LOADING
         self.error: str | None = None
         self.model: LoadedModel | None = None
@@ -96,7 +111,7 @@ class ModelService:
         try:
             model = self._loader(self.settings)
             self.scheduler = Scheduler(model.runtime, self._scheduler_options)
-            self.model = model
+            self.model = model = replace(model, kv_pool=self.scheduler.kv_pool)  # a copy: loaders may share one
         except Exception as exc:  # any failure must surface as ERROR with its reason
             log.exception("loading %s failed", self.model_name)
             self.error = f"{type(exc).__name__}: {exc}"

@@ -13,8 +13,10 @@ import numpy as np
 import pytest
 
 from kolite.config import ModelSettings
+from kolite.engine.scheduler import SchedulerOptions
 from kolite.service import LoadedModel, ModelService
 from tests.api.conftest import make_client
+from tests.api.live_server import slowed, wait_until_async
 from tests.conftest import TINY
 
 pytestmark = pytest.mark.anyio
@@ -216,3 +218,56 @@ async def test_ignore_eos_is_passed_to_the_engine(client: httpx.AsyncClient, rea
         r = await client.post("/generate", json=body)
         assert r.status_code == 200, r.text
     assert [p.ignore_eos for p in seen] == [False, True]
+
+
+def _pooled_service(loaded: LoadedModel, model_dir: Path, **options: int) -> ModelService:
+    return ModelService(ModelSettings(model=str(model_dir)), loader=lambda _s: loaded,
+                        scheduler_options=SchedulerOptions(**options))
+
+
+async def test_request_larger_than_the_kv_pool_is_400(tiny_loaded: LoadedModel, tiny_model_dir: Path) -> None:
+    """More tokens than the whole KV pool: a 400 naming the pool, with the context error's code (it could
+    never be served, so it is not queued); within the pool it is served, and answers that fill "the rest
+    of the window" (chat without max_tokens) fit the pool instead of being refused."""
+    svc = _pooled_service(tiny_loaded, tiny_model_dir, max_batch=2, max_kv_tokens=48)
+    async with make_client(svc) as c:
+        svc.wait_loaded(10)
+        ids = tiny_loaded.tokenizer.encode("안녕")
+        r = await c.post("/generate", json={"prompt": "안녕", "max_new_tokens": 49 - len(ids)})
+        assert r.status_code == 400
+        err = _error(r)
+        assert err["code"] == "context_length_exceeded" and err["param"] == "max_new_tokens"
+        assert "KV cache pool of 48 tokens" in err["message"] and err["type"] == "invalid_request_error"
+        r = await c.post("/v1/completions", json={"model": str(tiny_model_dir), "prompt": "안녕", "max_tokens": 60})
+        assert r.status_code == 400 and "KV cache pool" in _error(r)["message"]
+        r = await c.post("/generate", json={"prompt": "안녕", "max_new_tokens": 48 - len(ids), "ignore_eos": True})
+        assert r.status_code == 200 and r.json()["usage"]["total_tokens"] == 48
+        r = await c.post("/v1/chat/completions", json={"model": str(tiny_model_dir), "ignore_eos": True,
+                                                       "messages": [{"role": "user", "content": "안녕"}]})
+        assert r.status_code == 200, r.text
+        assert r.json()["usage"]["total_tokens"] == 48  # the rest of the pool's window, not of the model's 128
+    assert svc.scheduler is not None and svc.scheduler.kv_reserved == 0
+
+
+async def test_full_kv_pool_waits_and_a_full_queue_is_429(tiny_loaded: LoadedModel, tiny_model_dir: Path) -> None:
+    """With the pool full a request waits (rows are free) and is served when the running one ends; one
+    more than the queue holds gets 429 with Retry-After, as any full queue."""
+    body = {"prompt": "안녕", "max_new_tokens": 30, "ignore_eos": True, "do_sample": False}
+    pool = len(tiny_loaded.tokenizer.encode("안녕")) + 30  # one such request at a time
+    svc = _pooled_service(tiny_loaded, tiny_model_dir, max_batch=4, max_queue=1, max_kv_tokens=pool)
+    with slowed(tiny_loaded.runtime, 0.01):
+        async with make_client(svc) as c:
+            svc.wait_loaded(10)
+            sched = svc.scheduler
+            assert sched is not None
+            first = asyncio.create_task(c.post("/generate", json=body))
+            await wait_until_async(lambda: sched.active == 1, what="the first request to run")
+            second = asyncio.create_task(c.post("/generate", json=body))
+            await wait_until_async(lambda: sched.waiting == 1, what="the second request to wait")
+            assert sched.active == 1
+            r = await c.post("/generate", json={**body, "max_new_tokens": 1})
+            assert r.status_code == 429 and r.headers["retry-after"] == "1"
+            assert _error(r)["type"] == "rate_limit_error"
+            done = await asyncio.gather(first, second)
+    assert [d.status_code for d in done] == [200, 200]
+    assert [d.json()["usage"]["completion_tokens"] for d in done] == [30, 30]

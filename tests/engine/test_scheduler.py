@@ -1,4 +1,4 @@
-"""Continuous batching: same tokens as alone, joins and leaves mid-flight, cancellation, limits."""
+"""Continuous batching: same tokens as alone, joins and leaves mid-flight, cancellation, limits, the KV pool."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from kolite.engine.generate import collect, run_sequence
 from kolite.engine.sampling import SamplingParams
 from kolite.engine.scheduler import Scheduler, SchedulerOptions
 from kolite.engine.sequence import Finish, TokenEvent
-from kolite.errors import Overloaded
+from kolite.errors import ContextTooLong, KVPoolExceeded, Overloaded
 from kolite.service import LoadedModel
 
 
@@ -286,3 +286,131 @@ def test_cancel_during_a_chunked_prefill(tiny_loaded: LoadedModel, monkeypatch: 
         assert nxt.finish.completion_tokens == 3
     finally:
         sched.stop()
+
+
+# --- the KV pool -------------------------------------------------------------------------------------
+def _greedy(n_new: int) -> SamplingParams:
+    return SamplingParams(max_new_tokens=n_new, do_sample=False, ignore_eos=True)
+
+
+def _record_decodes(runtime: object, sched: list[Scheduler], monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, int]]:
+    """(rows, tokens reserved) at every decode step, read on the engine thread (no race)."""
+    seen: list[tuple[int, int]] = []
+    real = runtime.decode  # type: ignore[attr-defined]
+
+    def decode(tokens: list[int], lengths: list[int]) -> object:
+        seen.append((len(tokens), sched[0].kv_reserved))
+        return real(tokens, lengths)
+
+    monkeypatch.setattr(runtime, "decode", decode)
+    return seen
+
+
+def test_kv_pool_admits_requests_in_turn(tiny_loaded: LoadedModel, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A pool with room for two requests: five submitted together run two at a time (the others wait
+    in the queue although batch rows are free), each is admitted as another leaves, every one ends
+    with the tokens it gets alone, and the pool is empty again at the end."""
+    (p,) = _prompts(tiny_loaded, 1)
+    sampled = SamplingParams(max_new_tokens=10, temperature=1.1, seed=5, ignore_eos=True)
+    params = [_greedy(10), sampled] * 2 + [_greedy(10)]
+    need = len(p) + 10
+    pool = 2 * need + need // 2  # two fit, three do not
+    expected = [_alone(tiny_loaded, p, q).token_ids for q in params]
+    holder: list[Scheduler] = []
+    seen = _record_decodes(tiny_loaded.runtime, holder, monkeypatch)
+    sched = Scheduler(tiny_loaded.runtime, SchedulerOptions(max_batch=8, max_kv_tokens=pool))
+    holder.append(sched)
+    try:
+        sinks = [Collector() for _ in params]
+        for q, sink in zip(params, sinks, strict=True):
+            sched.submit(tiny_loaded.new_sequence(p, q), sink)
+        got = [s.finish for s in sinks]
+    finally:
+        sched.stop()
+    assert [f.token_ids for f in got] == expected and all(f.reason == "length" for f in got)
+    assert max(rows for rows, _ in seen) == 2  # two together, never three
+    assert all(reserved <= pool for _, reserved in seen)
+    assert sched.kv_reserved == 0
+
+
+def test_request_larger_than_the_pool_is_refused_at_once(tiny_loaded: LoadedModel) -> None:
+    """One token more than the whole pool is a KVPoolExceeded (a ContextTooLong: HTTP 400) raised by
+    `submit`, never a request left waiting forever; a request of exactly the pool runs, and the one
+    queued behind the refusal is not lost."""
+    (p,) = _prompts(tiny_loaded, 1)
+    pool = len(p) + 12
+    sched = Scheduler(tiny_loaded.runtime, SchedulerOptions(max_batch=4, max_kv_tokens=pool))
+    try:
+        with pytest.raises(KVPoolExceeded, match=f"KV cache pool of {pool} tokens") as info:
+            sched.submit(tiny_loaded.new_sequence(p, _greedy(13)), Collector())
+        assert isinstance(info.value, ContextTooLong) and info.value.param == "max_new_tokens"
+        assert sched.waiting == 0
+        whole, after = Collector(), Collector()
+        sched.submit(tiny_loaded.new_sequence(p, _greedy(12)), whole)
+        sched.submit(tiny_loaded.new_sequence(p, _greedy(3)), after)
+        assert whole.finish.completion_tokens == 12 and after.finish.completion_tokens == 3
+    finally:
+        sched.stop()
+    assert sched.kv_reserved == 0
+
+
+def test_full_pool_queues_then_full_queue_is_overloaded(tiny_loaded: LoadedModel,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """While the pool is full a request waits in the queue even with batch rows free; one more than the
+    queue holds is Overloaded (HTTP 429); cancelling the running request gives its reservation back
+    and the waiting one runs to the end."""
+    (p,) = _prompts(tiny_loaded, 1)
+    real = tiny_loaded.runtime.decode
+
+    def slow(*a: object, **k: object) -> object:
+        time.sleep(0.005)
+        return real(*a, **k)
+
+    monkeypatch.setattr(tiny_loaded.runtime, "decode", slow)
+    sched = Scheduler(tiny_loaded.runtime, SchedulerOptions(max_batch=4, max_queue=1, max_kv_tokens=len(p) + 100))
+    try:
+        running, queued = Collector(), Collector()
+        req = sched.submit(tiny_loaded.new_sequence(p, _greedy(100)), running)
+        while sched.active == 0:
+            time.sleep(0.001)
+        sched.submit(tiny_loaded.new_sequence(p, _greedy(5)), queued)
+        steps = sched.steps
+        while sched.steps < steps + 3:
+            time.sleep(0.001)
+        assert sched.active == 1 and sched.waiting == 1  # rows are free: the pool holds it back
+        with pytest.raises(Overloaded, match="queue is full"):
+            sched.submit(tiny_loaded.new_sequence(p, _greedy(1)), Collector())
+        req.cancel()
+        assert running.finish.reason == "cancelled"
+        assert queued.finish.reason == "length" and queued.finish.completion_tokens == 5
+    finally:
+        sched.stop()
+    assert sched.kv_reserved == 0
+
+
+def test_a_row_moved_into_a_freed_slot_leaves_no_stale_cache(tiny_loaded: LoadedModel,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """When a long request ends, the last row moves into its slot: afterwards that slot holds only the
+    moved row's tokens (the long request's pages are dropped, not left resident past the shorter row,
+    where the pool would no longer bound them) and the old slot is all zeros (given back)."""
+    runtime = tiny_loaded.runtime
+    long_prompt = [int(i) for i in np.arange(70) * 7 % 300 + 10]
+    short = _prompts(tiny_loaded, 1)[0][:4]
+    after_moves: list[tuple[float, float]] = []
+    real = runtime.move
+
+    def move(src: int, dst: int, length: int) -> None:
+        real(src, dst, length)
+        after_moves.append((max(float(np.abs(buf[dst, :, length:]).max()) for buf in runtime.cache),
+                            max(float(np.abs(buf[src]).max()) for buf in runtime.cache)))
+
+    monkeypatch.setattr(runtime, "move", move)
+    sched = Scheduler(runtime, SchedulerOptions(max_batch=2))
+    try:
+        first, second = Collector(), Collector()
+        sched.submit(tiny_loaded.new_sequence(long_prompt, _greedy(4)), first)  # slot 0, 73 tokens at the end
+        sched.submit(tiny_loaded.new_sequence(short, _greedy(30)), second)  # slot 1, moves to slot 0
+        assert first.finish.completion_tokens == 4 and second.finish.completion_tokens == 30
+    finally:
+        sched.stop()
+    assert after_moves and all(stale == 0.0 and left == 0.0 for stale, left in after_moves), after_moves

@@ -35,6 +35,14 @@ _STATUS: list[tuple[type[KoliteError], int, str]] = [
 ]
 
 
+# OpenAI error codes per class, matched like `_STATUS` (a refusal by the KV pool is a context error too:
+# clients that shorten their prompt on context_length_exceeded do the right thing).
+_CODES: list[tuple[type[KoliteError], str]] = [
+    (ContextTooLong, "context_length_exceeded"),
+    (ModelNotFound, "model_not_found"),
+]
+
+
 def error_response(status: int, message: str, type_: str, param: str | None = None,
                    code: str | None = None, headers: dict[str, str] | None = None) -> JSONResponse:
     body = ErrorResponse(error=ErrorDetail(message=message, type=type_, param=param, code=code))
@@ -52,7 +60,7 @@ async def _kolite_error(_: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, KoliteError)
     status, type_ = status_of(exc)
     headers = {"Retry-After": "1"} if status in (429, 503) else None
-    code = {ContextTooLong: "context_length_exceeded", ModelNotFound: "model_not_found"}.get(type(exc))
+    code = next((code for cls, code in _CODES if isinstance(exc, cls)), None)
     return error_response(status, str(exc), type_, getattr(exc, "param", None), code, headers)
 
 

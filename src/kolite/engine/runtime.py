@@ -191,10 +191,20 @@ class GPT2Runtime:
         return self._logits[:rows, 0]
 
     def move(self, src: int, dst: int, length: int) -> None:
-        """Copy a sequence's cache to another slot (the scheduler keeps active slots contiguous)."""
-        if src != dst:
-            for buf in self.cache:
-                buf[dst, :, :length] = buf[src, :, :length]
+        """Move a sequence's cache to another slot (the scheduler keeps active slots contiguous); both
+        slots' other pages go back to the system, so `src` is free afterwards.
+
+        Why: the resident cache must stay what the running sequences hold, or the KV pool's bound
+        would not hold. `dst`'s old content (a finished request's, maybe longer) is dropped before the
+        copy instead of lingering past `length`, and `src` is given back one layer's buffer at a time,
+        so a moved sequence is never resident twice (at most 1/(2 x layers) of it for a moment).
+        """
+        if src == dst:
+            return
+        for buf in self.cache:
+            _give_back(buf, dst)
+            buf[dst, :, :length] = buf[src, :, :length]
+            _give_back(buf, src)
 
     def release(self, slot: int) -> None:
         """Hand a free slot's cache pages back to the system; they come back as zeros when written.
@@ -203,18 +213,18 @@ class GPT2Runtime:
         with the float16 cache) after it ends; on a small board that memory should go back.
         """
         for buf in self.cache:
-            region, mem = buf[slot], buf.base
-            while isinstance(mem, np.ndarray):  # the reshaped view -> the flat array -> its buffer
-                mem = mem.base
-            if isinstance(mem, memoryview):  # np.frombuffer keeps a memoryview of the mapping
-                mem = mem.obj
-            if not isinstance(mem, mmap.mmap):  # a plain numpy buffer (no mmap): nothing to give back
-                return
-            start = region.ctypes.data - buf.ctypes.data
-            first = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE  # whole pages inside the slot only
-            last = (start + region.nbytes) // mmap.PAGESIZE * mmap.PAGESIZE
-            if last > first:
-                mem.madvise(mmap.MADV_DONTNEED, first, last - first)
+            _give_back(buf, slot)
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        """Cache bytes one token takes in every layer, keys and values (36 KB for KoGPT2 in float16)."""
+        return 2 * self.cfg.n_layer * self.cfg.n_embd * self.kv_dtype.itemsize
+
+    @property
+    def kv_page_tokens(self) -> int:
+        """Tokens per memory page of one head's cache rows: a slot's resident cache grows in steps of
+        this many tokens (32 for head_dim 64 in float16 with 4 KB pages; 128 with 16 KB pages)."""
+        return max(1, mmap.PAGESIZE // (self.cfg.head_dim * self.kv_dtype.itemsize))
 
     # --- binding ------------------------------------------------------------------------------
     def _bind_cache(self, io: ort.IOBinding, rows: slice) -> None:
@@ -228,3 +238,20 @@ class GPT2Runtime:
     def _feeds(ids: np.ndarray, positions: np.ndarray, seqlens_k: np.ndarray, total: int) -> dict[str, np.ndarray]:
         return {"input_ids": ids, "position_ids": positions, "seqlens_k": seqlens_k,
                 "total_sequence_length": np.array(total, np.int32)}
+
+
+def _give_back(buf: np.ndarray, slot: int) -> None:
+    """`madvise(MADV_DONTNEED)` the whole pages of `buf[slot]` (one layer's keys or values of a slot),
+    when `buf` is a `lazy_zeros` mapping; a plain numpy buffer keeps its memory."""
+    region, mem = buf[slot], buf.base
+    while isinstance(mem, np.ndarray):  # the reshaped view -> the flat array -> its buffer
+        mem = mem.base
+    if isinstance(mem, memoryview):  # np.frombuffer keeps a memoryview of the mapping
+        mem = mem.obj
+    if not isinstance(mem, mmap.mmap):
+        return
+    start = region.ctypes.data - buf.ctypes.data
+    first = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE  # whole pages inside the slot only
+    last = (start + region.nbytes) // mmap.PAGESIZE * mmap.PAGESIZE
+    if last > first:
+        mem.madvise(mmap.MADV_DONTNEED, first, last - first)
