@@ -678,6 +678,12 @@ def run_bench(settings: ModelSettings, options: BenchOptions | None = None, *, r
     weights = weight_bytes_per_token(prepared.graph)
     setup["peak_rss_mb"] = peak_rss_mb()
     report["setup"] = setup
+    # Setup's freed arrays (a random checkpoint written in this process) stay in the C heap until
+    # trimmed; without this the load phase's "peak" would be that leftover, not the load's own.
+    from kolite.engine.runtime import release_free_memory
+
+    gc.collect()
+    release_free_memory()
     reset_ok = reset_peak_rss()
 
     # --- load from the converted cache --------------------------------------------------------------
