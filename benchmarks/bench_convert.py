@@ -150,11 +150,12 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(_table(rows))
     if args.json:
+        from kolite.bench import write_json
         from kolite.engine.cpu import detect
 
-        args.json.write_text(json.dumps({
-            "when": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"), "machine": platform.machine(),
-            "cpu": detect().to_dict(), "python": platform.python_version(), "shape": "kogpt2", "runs": rows}, indent=2))
+        write_json({"when": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"), "machine": platform.machine(),
+                    "cpu": detect().to_dict(), "python": platform.python_version(), "shape": "kogpt2", "runs": rows},
+                   args.json)
     return 0
 
 

@@ -34,7 +34,7 @@ import psutil
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import bench_core  # noqa: E402  (shares the checkpoint, tokenizer and machine description)
-from kolite.bench import peak_rss_mb, reset_peak_rss, rss_mb  # noqa: E402  (any process's memory, by pid)
+from kolite.bench import peak_rss_mb, reset_peak_rss, rss_mb, write_json  # noqa: E402  (any process's memory, by pid)
 
 
 def _free_port() -> int:
@@ -190,9 +190,8 @@ def main(argv: list[str] | None = None) -> int:
           f"{os.cpu_count()}); the client runs on the same cores as the server.")
     print(f"server RSS when ready: {ready['VmRSS']} MB (start peak {ready['VmHWM']} MB); serving peak RSS: "
           f"{report['server_peak_rss_mb']} MB; threads {args.threads}; max batch {args.max_batch}")
-    out = args.json or bench_core.DEFAULT_OUT / ("bench_http-quick.json" if args.quick else "bench_http.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2, ensure_ascii=False), encoding="utf-8")
+    name = "bench_http-quick.json" if args.quick else "bench_http.json"
+    write_json(report, args.json or bench_core.DEFAULT_OUT / name)
     return 0
 
 

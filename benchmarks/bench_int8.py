@@ -22,7 +22,6 @@ Usage: python benchmarks/bench_int8.py [--threads N] [--repeats N] [--json PATH]
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import tempfile
 import time
@@ -35,7 +34,7 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
-from kolite.bench import machine_info
+from kolite.bench import machine_info, write_json
 from kolite.config import default_threads
 from kolite.engine import graph as graph_mod
 from kolite.engine.graph import build_gpt2_graph
@@ -210,7 +209,7 @@ def main() -> None:
             print(f"3. speed, KoGPT2 shape, {args.repeats} interleaved repeats (medians)")
             report["speed"] = speed_part(Path(d), args.threads, args.repeats)
     if args.json:
-        args.json.write_text(json.dumps(report, indent=1))
+        write_json(report, args.json)
         print(f"wrote {args.json}")
 
 

@@ -437,9 +437,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.http:
         result["http"] = [phase_http(args, pool) for pool in pools]
     _report(result)
-    out = args.json or bench_core.DEFAULT_OUT / ("bench_memory-quick.json" if args.quick else "bench_memory.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2, ensure_ascii=False), encoding="utf-8")
+    from kolite.bench import write_json
+
+    write_json(result, args.json or bench_core.DEFAULT_OUT / ("bench_memory-quick.json" if args.quick
+                                                              else "bench_memory.json"))
     return 0
 
 

@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
+from kolite.bench import write_json
 from kolite.config import default_threads
 from kolite.engine.runtime import GPT2Runtime, RuntimeOptions
 from kolite.models.gpt2config import GPT2Config
@@ -95,7 +96,7 @@ def main() -> None:
         top = ", ".join(f"{k} {v:.1f} ms ({100 * v / total:.0f}%)" for k, v in list(ops.items())[:6])
         print(f"{phase_name}: wall {(b - a) / 1e3:.1f} ms, nodes {total:.1f} ms: {top}")
     if args.json:
-        args.json.write_text(json.dumps(report, indent=1))
+        write_json(report, args.json)
         print(f"wrote {args.json}")
 
 

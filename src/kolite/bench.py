@@ -148,11 +148,6 @@ def last_level_cache_bytes() -> int | None:
     return best
 
 
-def usable_cpus() -> int:
-    """CPUs this process may use: the affinity mask and the cgroup quota (the default thread count)."""
-    return default_threads()
-
-
 def machine_info(threads: int) -> dict[str, Any]:
     """What the numbers were measured on: they mean little without it."""
     import onnxruntime
@@ -164,7 +159,7 @@ def machine_info(threads: int) -> dict[str, Any]:
         "board": board_model(),
         "arch": platform.machine(),
         "cores": os.cpu_count(),
-        "usable_cores": usable_cpus(),
+        "usable_cores": default_threads(),  # the affinity mask and the cgroup quota
         "threads": threads,
         "memory_gb": round(psutil.virtual_memory().total / 2**30, 1),
         "last_level_cache_mb": (lambda b: None if b is None else round(b / MB, 1))(last_level_cache_bytes()),

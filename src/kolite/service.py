@@ -20,7 +20,7 @@ from kolite.chat.templates import ChatTemplate, template_for
 from kolite.config import ModelSettings
 from kolite.engine.runtime import GPT2Runtime, RuntimeOptions
 from kolite.engine.sampling import SamplingParams
-from kolite.engine.scheduler import Request, Scheduler, SchedulerOptions, check_kv_pool
+from kolite.engine.scheduler import Request, Scheduler, SchedulerOptions
 from kolite.engine.sequence import Finish, Sequence, TokenEvent
 from kolite.errors import GenerationFailed, ModelNotReady, RequestTimeout
 from kolite.models.convert import PreparedModel, prepare_model
@@ -55,12 +55,9 @@ class LoadedModel:
         return min(window, self.kv_pool) if self.kv_pool else window
 
     def new_sequence(self, prompt_ids: list[int], params: SamplingParams) -> Sequence:
-        """A sequence for the scheduler; 400 (ContextTooLong) when it exceeds the model's window or,
-        with a smaller pool, KVPoolExceeded, whose message names the pool."""
-        seq = Sequence(prompt_ids, params, self.tokenizer, self.prepared.config.n_positions)
-        if self.kv_pool is not None:
-            check_kv_pool(len(prompt_ids), params.max_new_tokens, self.kv_pool)
-        return seq
+        """A sequence for the scheduler; 400 (ContextTooLong) when it exceeds the model's window (the
+        scheduler's `submit` refuses one larger than its KV pool, KVPoolExceeded)."""
+        return Sequence(prompt_ids, params, self.tokenizer, self.prepared.config.n_positions)
 
 
 def load_model(settings: ModelSettings, progress: Callable[[str], None] | None = None) -> LoadedModel:
@@ -145,7 +142,7 @@ class ModelService:
         its events. Call from the event loop's thread."""
         model = self.ready_model()
         assert self.scheduler is not None
-        seq = model.new_sequence(prompt_ids, params)  # validates the context size before queueing
+        seq = model.new_sequence(prompt_ids, params)  # the context window; submit checks the KV pool
         mailbox = self._mailbox(asyncio.get_running_loop())
         queue: asyncio.Queue[TokenEvent | Finish] = asyncio.Queue()
         request = self.scheduler.submit(seq, lambda ev: mailbox.post(queue, ev))

@@ -57,17 +57,6 @@ def kv_tokens_needed(seq: Sequence) -> int:
     return len(seq.prompt_ids) + seq.params.max_new_tokens
 
 
-def check_kv_pool(prompt_tokens: int, max_new_tokens: int, pool: int) -> None:
-    """Refuse a request that needs more KV cache than the whole pool: it could never be admitted."""
-    need = prompt_tokens + max_new_tokens
-    if need > pool:
-        raise KVPoolExceeded(
-            f"prompt ({prompt_tokens} tokens) + max_new_tokens ({max_new_tokens}) = {need} tokens exceed the "
-            f"server's KV cache pool of {pool} tokens (max_kv_tokens); shorten the prompt or ask for fewer tokens",
-            param="max_new_tokens",
-        )
-
-
 @dataclass
 class Request:
     """A sequence in the scheduler, and how its events get back to the caller."""
@@ -140,12 +129,16 @@ class Scheduler:
         return req
 
     def _check_fits(self, seq: Sequence) -> None:
-        """Refuse at once what could never run: more than a slot holds, or more than the whole pool."""
-        capacity = self.runtime.capacity
-        if kv_tokens_needed(seq) > capacity:
-            raise ContextTooLong(f"prompt + max_new_tokens = {kv_tokens_needed(seq)} tokens exceed a cache slot of "
-                                 f"{capacity} tokens", param="max_new_tokens")
-        check_kv_pool(len(seq.prompt_ids), seq.params.max_new_tokens, self.kv_pool)
+        """Refuse at once what could never run: more than the whole pool, or more than a slot holds."""
+        need, capacity = kv_tokens_needed(seq), self.runtime.capacity
+        if need > self.kv_pool:
+            raise KVPoolExceeded(
+                f"prompt ({len(seq.prompt_ids)} tokens) + max_new_tokens ({seq.params.max_new_tokens}) = {need} "
+                f"tokens exceed the server's KV cache pool of {self.kv_pool} tokens (max_kv_tokens); shorten the "
+                "prompt or ask for fewer tokens", param="max_new_tokens")
+        if need > capacity:
+            raise ContextTooLong(f"prompt + max_new_tokens = {need} tokens exceed a cache slot of {capacity} tokens",
+                                 param="max_new_tokens")
 
     @property
     def active(self) -> int:
