@@ -4,7 +4,8 @@ Each phase runs in a fresh process, as a fresh server would:
 
 * breakdown: resident memory after the server's imports and after loading (anon and file-backed); the
   KV cache per token, counted from the resident pages of the cache buffers (`/proc/self/pagemap`);
-  the token table's pages (`model.onnx.data`, mapped by ONNX Runtime, paged in as rows are read);
+  the token table's resident pages (0 since the table is read with pread from `model.onnx.tokens`; graphs
+  of kolite before that kept it in `model.onnx.data`, mapped and paged in as rows were read);
   and a prefill chunk's scratch (high-water mark above the resident set, minus the chunk's own KV) for
   chunks of 64/128/256 tokens with an empty slot and after 1024-chunk tokens already in the slot;
 * serve: the serving loop (kolite's `Scheduler`, as `kolite serve` runs it) with `--streams` requests
@@ -79,7 +80,9 @@ def kv_resident_mb(runtime: Any) -> float:
 
 
 def table_resident_mb(graph: Path, pid: int | str = "self") -> float:
-    """Resident part of the token table inside ONNX Runtime's mapping of `model.onnx.data`."""
+    """Resident pages of the token table: any mapping of its own file (`model.onnx.tokens`, read with
+    pread, so none is expected), or its part of ONNX Runtime's mapping of `model.onnx.data` (graphs
+    that still gather it)."""
     import onnx
 
     spans = []
@@ -90,10 +93,12 @@ def table_resident_mb(graph: Path, pid: int | str = "self") -> float:
     total = 0
     with open(f"/proc/{pid}/maps", encoding="ascii") as fh:
         for line in fh:
-            if not line.rstrip().endswith(graph.name + ".data"):
-                continue
             addresses, _, offset = line.split()[:3]
             lo, hi = (int(a, 16) for a in addresses.split("-"))
+            if line.rstrip().endswith(graph.name + ".tokens"):
+                total += resident_bytes(lo, hi - lo, pid)
+            if not line.rstrip().endswith(graph.name + ".data"):
+                continue
             for off, length in spans:  # the part of each table span that this mapping covers
                 a, b = max(off, int(offset, 16)), min(off + length, int(offset, 16) + hi - lo)
                 if b > a:

@@ -56,6 +56,7 @@ import numpy as np
 from kolite import __version__
 from kolite.config import ModelSettings, default_threads
 from kolite.engine.cpu import detect
+from kolite.engine.embeddings import TOKEN_TABLE_KEY
 from kolite.models.gpt2config import GPT2Config
 from kolite.models.synthetic import DISTILGPT2_SHAPE, KOGPT2_SHAPE
 
@@ -277,8 +278,10 @@ def weight_bytes_per_token(graph: Path | str) -> dict[str, Any]:
     initializers used only as the data of a `Gather`): a step reads one row of each, so each counts
     as one row. kolite's graphs keep lm_head as its own initializer (quantized, or a transposed fp32
     copy), so the tied wte is not counted twice; a table that another node also reads in full (a
-    lm_head sharing it) counts in full. The KV cache, read too, grows with the context: see
-    `kv_bytes_per_token`. Initializer sizes come from their shapes; the weights are not loaded.
+    lm_head sharing it) counts in full. The token table kolite keeps in a file beside the graph (see
+    `kolite.engine.embeddings`) counts as one of those tables, "token_table", with one row (and its
+    scale) per step. The KV cache, read too, grows with the context: see `kv_bytes_per_token`.
+    Initializer sizes come from their shapes; the weights are not loaded.
     """
     import onnx
     from onnx import helper
@@ -303,9 +306,15 @@ def weight_bytes_per_token(graph: Path | str) -> dict[str, Any]:
             by_dtype[dtype.name] = by_dtype.get(dtype.name, 0) + nbytes
         else:
             small += nbytes
+    names = sorted(gathered)
+    layout = {p.key: p.value for p in model.metadata_props}.get(TOKEN_TABLE_KEY)
+    if layout:
+        table = json.loads(layout)
+        row = table["dim"] * np.dtype(table["dtype"]).itemsize + (4 if table.get("scales") else 0)
+        tables, table_rows, names = tables + row * table["rows"], table_rows + row, sorted([*names, "token_table"])
     return {"bytes_per_token": matrices + small + table_rows, "matrix_bytes": matrices, "other_bytes": small,
             "embedding_table_bytes": tables, "embedding_row_bytes": table_rows,
-            "embedding_tables": sorted(gathered), "matrix_bytes_by_dtype": by_dtype,
+            "embedding_tables": names, "matrix_bytes_by_dtype": by_dtype,
             "graph_file_bytes": sum(p.stat().st_size for p in Path(graph).parent.glob(Path(graph).name + "*"))}
 
 

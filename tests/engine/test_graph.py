@@ -9,7 +9,7 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
-from kolite.engine.graph import build_gpt2_graph, input_names, output_names
+from kolite.engine.graph import build_gpt2_graph, input_names, output_names, token_table_path, write_gpt2_graph
 from kolite.engine.runtime import GPT2Runtime
 from kolite.models.gpt2config import GPT2Config
 from kolite.models.synthetic import random_state_dict
@@ -25,9 +25,9 @@ def weights() -> dict[str, np.ndarray]:
 
 
 def _runtime(tmp_path: Path, cfg: GPT2Config, sd: dict, all_logits: bool, slots: int = 1) -> GPT2Runtime:
-    model = build_gpt2_graph(cfg, sd, all_logits=all_logits)
-    onnx.checker.check_model(model, full_check=True)
     path = tmp_path / ("all.onnx" if all_logits else "last.onnx")
+    model = build_gpt2_graph(cfg, sd, all_logits=all_logits, token_table=token_table_path(path))
+    onnx.checker.check_model(model, full_check=True)
     onnx.save(model, path)
     return GPT2Runtime(path, cfg, slots=slots)
 
@@ -141,7 +141,7 @@ def test_fp16_cache_graph_stays_close_to_fp32(tmp_path: Path, weights: dict) -> 
     """`kv_cache="fp16"`: the runtime allocates float16 buffers from the graph's input types, and
     logits stay within float16 rounding of the fp32 graph's, through prefill and cached decode."""
     path = tmp_path / "kv16.onnx"
-    onnx.save(build_gpt2_graph(CFG, weights, kv_cache="fp16"), path)
+    write_gpt2_graph(CFG, weights, path, kv_cache="fp16")
     rt16 = GPT2Runtime(path, CFG)
     rt32 = _runtime(tmp_path, CFG, weights, all_logits=False)
     assert rt16.kv_dtype == np.float16 and rt16.cache[0].dtype == np.float16 and rt32.kv_dtype == np.float32

@@ -26,7 +26,7 @@ import numpy as np
 import onnx
 import pytest
 
-from kolite.engine.graph import build_gpt2_graph, quantize_columns
+from kolite.engine.graph import quantize_columns, write_gpt2_graph
 from kolite.engine.quantize import quantize_int8
 from kolite.engine.runtime import GPT2Runtime
 from kolite.models.gpt2config import GPT2Config
@@ -41,12 +41,12 @@ SCHEMES = ["per-token", "ort-dynamic"]
 
 
 def _pair(tmp_path: Path, cfg: GPT2Config, sd: dict, scheme: str = "ort-dynamic") -> tuple[GPT2Runtime, GPT2Runtime]:
-    onnx.save(build_gpt2_graph(cfg, sd, all_logits=True), tmp_path / "fp32.onnx")
+    write_gpt2_graph(cfg, sd, tmp_path / "fp32.onnx", all_logits=True)
     if scheme == "ort-dynamic":
         quantize_int8(tmp_path / "fp32.onnx", tmp_path / "int8.onnx", per_channel=True)
     else:
         quant = "int4" if scheme == "int4" else "int8"
-        onnx.save(build_gpt2_graph(cfg, sd, all_logits=True, quant=quant), tmp_path / "int8.onnx")
+        write_gpt2_graph(cfg, sd, tmp_path / "int8.onnx", all_logits=True, quant=quant)
     return (GPT2Runtime(tmp_path / "fp32.onnx", cfg, slots=SLOTS),
             GPT2Runtime(tmp_path / "int8.onnx", cfg, slots=SLOTS))
 
@@ -54,8 +54,8 @@ def _pair(tmp_path: Path, cfg: GPT2Config, sd: dict, scheme: str = "ort-dynamic"
 @pytest.mark.parametrize("form", ["s8", "u8"])
 def test_per_token_graph_is_really_int8(tmp_path: Path, form: str) -> None:
     sd = random_state_dict(CFG, seed=0)
-    onnx.save(build_gpt2_graph(CFG, sd), tmp_path / "fp32.onnx")
-    onnx.save(build_gpt2_graph(CFG, sd, quant="int8", int8_weights=form), tmp_path / "int8.onnx")  # type: ignore[arg-type]
+    write_gpt2_graph(CFG, sd, tmp_path / "fp32.onnx")
+    write_gpt2_graph(CFG, sd, tmp_path / "int8.onnx", quant="int8", int8_weights=form)  # type: ignore[arg-type]
     model = onnx.load(tmp_path / "int8.onnx")
     assert sum(n.op_type == "MatMulInteger" for n in model.graph.node) == 4 * CFG.n_layer + 1
     assert not [n for n in model.graph.node if n.op_type == "MatMul" and "weight" in "".join(n.input)]
@@ -63,7 +63,10 @@ def test_per_token_graph_is_really_int8(tmp_path: Path, form: str) -> None:
     matmul_weights = [t for t in model.graph.initializer if t.name.endswith(".weight_q")]
     assert len(matmul_weights) == 4 * CFG.n_layer + 1 and {t.data_type for t in matmul_weights} == {want}
     assert {p.key: p.value for p in model.metadata_props}["kolite.int8_weights"] == form
-    assert (tmp_path / "int8.onnx").stat().st_size < 0.5 * (tmp_path / "fp32.onnx").stat().st_size
+    def size(name: str) -> int:  # the graph, its weights and its token table
+        return sum(p.stat().st_size for p in tmp_path.glob(f"{name}.onnx*"))
+
+    assert size("int8") < 0.5 * size("fp32")
 
 
 def test_int4_graph_uses_4bit_blocks(tmp_path: Path) -> None:
@@ -72,7 +75,8 @@ def test_int4_graph_uses_4bit_blocks(tmp_path: Path) -> None:
     nbits = [n for n in model.graph.node if n.op_type == "MatMulNBits"]
     assert len(nbits) == 4 * CFG.n_layer + 1
     assert all({a.name: a.i for a in n.attribute}["bits"] == 4 for n in nbits)
-    assert (tmp_path / "int8.onnx").stat().st_size < 0.25 * (tmp_path / "fp32.onnx").stat().st_size
+    weights = {name: (tmp_path / f"{name}.onnx.data").stat().st_size for name in ("int8", "fp32")}  # int4 in "int8"
+    assert weights["int8"] < 0.25 * weights["fp32"]
 
 
 def test_int4_agreement_on_random_weights(tmp_path: Path) -> None:
@@ -100,7 +104,7 @@ def test_quantize_columns_is_symmetric_per_column() -> None:
 
 @pytest.mark.parametrize("form", ["s8", "u8"])
 def test_ort_dynamic_graph_is_really_int8(tmp_path: Path, form: str) -> None:
-    onnx.save(build_gpt2_graph(CFG, random_state_dict(CFG, seed=0), all_logits=True), tmp_path / "fp32.onnx")
+    write_gpt2_graph(CFG, random_state_dict(CFG, seed=0), tmp_path / "fp32.onnx", all_logits=True)
     quantize_int8(tmp_path / "fp32.onnx", tmp_path / "int8.onnx", int8_weights=form)  # type: ignore[arg-type]
     model = onnx.load(tmp_path / "int8.onnx")
     ops = {n.op_type for n in model.graph.node}
@@ -111,7 +115,10 @@ def test_ort_dynamic_graph_is_really_int8(tmp_path: Path, form: str) -> None:
     # every weight MatMul of every layer (c_attn, c_proj, c_fc, mlp.c_proj) plus the lm_head
     assert len(int8_weights) == 4 * CFG.n_layer + 1
     # the token/position embeddings (a Gather) stay float32; every MatMul weight shrinks 4x
-    assert (tmp_path / "int8.onnx").stat().st_size < 0.5 * (tmp_path / "fp32.onnx").stat().st_size
+    def size(name: str) -> int:  # the graph, its weights and its token table
+        return sum(p.stat().st_size for p in tmp_path.glob(f"{name}.onnx*"))
+
+    assert size("int8") < 0.5 * size("fp32")
 
 
 @pytest.mark.parametrize("scheme", SCHEMES)

@@ -5,10 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import onnx
 import pytest
 
-from kolite.engine.graph import build_gpt2_graph
+from kolite.engine.graph import write_gpt2_graph
 from kolite.engine.runtime import GPT2Runtime
 from kolite.models.gpt2config import GPT2Config
 from kolite.models.synthetic import write_checkpoint
@@ -28,7 +27,7 @@ def pair(tmp_path_factory: pytest.TempPathFactory) -> tuple[object, GPT2Runtime]
     write_checkpoint(folder, CFG, seed=11)
     hf = transformers.GPT2LMHeadModel.from_pretrained(folder, attn_implementation="eager").eval()
     sd = load_file(folder / "model.safetensors")
-    onnx.save(build_gpt2_graph(CFG, sd, all_logits=True), folder / "model.onnx")
+    write_gpt2_graph(CFG, sd, folder / "model.onnx", all_logits=True)
     return hf, GPT2Runtime(folder / "model.onnx", CFG, slots=2)
 
 

@@ -14,7 +14,7 @@ from onnx import numpy_helper
 
 from kolite.config import ModelSettings
 from kolite.engine.cpu import detect
-from kolite.engine.graph import EXTERNAL_ALIGN, build_gpt2_graph
+from kolite.engine.graph import EXTERNAL_ALIGN, build_gpt2_graph, token_table_path
 from kolite.engine.runtime import GPT2Runtime
 from kolite.errors import ModelFormatError
 from kolite.models import weights as weights_mod
@@ -64,7 +64,8 @@ def _streamed(path: Path, out: Path, quant: str, form: str | None) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     with open_checkpoint(path) as ckpt:
         model = build_gpt2_graph(CFG, GPT2Weights(ckpt, CFG), all_logits=True, quant=quant,  # type: ignore[arg-type]
-                                 int8_weights=form, external_data=out / "model.onnx.data")  # type: ignore[arg-type]
+                                 int8_weights=form, external_data=out / "model.onnx.data",  # type: ignore[arg-type]
+                                 token_table=token_table_path(out / "model.onnx"))
     onnx.save_model(model, str(out / "model.onnx"))
     return out / "model.onnx"
 
@@ -73,9 +74,11 @@ def _streamed(path: Path, out: Path, quant: str, form: str | None) -> Path:
 def test_streamed_graph_equals_the_in_memory_one(checkpoint: Path, tmp_path: Path, quant: str,
                                                  form: str | None) -> None:
     """Same nodes, same initializers bit for bit (quantized ones too), same metadata, same logits."""
+    memory = tmp_path / "memory" / "model.onnx"
+    memory.parent.mkdir()
     in_memory = build_gpt2_graph(CFG, gpt2_weights(random_state_dict(CFG, seed=4), CFG), all_logits=True,
-                                 quant=quant, int8_weights=form)  # type: ignore[arg-type]
-    onnx.save(in_memory, tmp_path / "memory.onnx")
+                                 quant=quant, int8_weights=form, token_table=token_table_path(memory))  # type: ignore[arg-type]
+    onnx.save(in_memory, memory)
     path = _streamed(checkpoint, tmp_path / "streamed", quant, form)
     streamed = onnx.load(str(path), load_external_data=False)
 
@@ -89,7 +92,8 @@ def test_streamed_graph_equals_the_in_memory_one(checkpoint: Path, tmp_path: Pat
 
     if form == "s8" and not detect().exact_u8s8:
         return  # the runtime refuses s8 graphs on this CPU (its u8 x s8 kernel saturates); weights compared above
-    a = GPT2Runtime(tmp_path / "memory.onnx", CFG).prefill(0, IDS)
+    assert token_table_path(memory).read_bytes() == token_table_path(path).read_bytes()
+    a = GPT2Runtime(memory, CFG).prefill(0, IDS)
     b = GPT2Runtime(path, CFG).prefill(0, IDS)
     np.testing.assert_array_equal(b, a)
 
@@ -100,7 +104,9 @@ def test_the_graph_holds_only_references_to_aligned_weights(checkpoint: Path, tm
     model = onnx.load(str(path), load_external_data=False)
     external = [t for t in model.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
     inline = [t for t in model.graph.initializer if t.data_location != onnx.TensorProto.EXTERNAL]
-    assert {t.name for t in external} >= {"wte", "wpe", "lm_head.weight", "h0.attn.c_attn.weight"}
+    assert {t.name for t in external} >= {"wpe", "lm_head.weight", "h0.attn.c_attn.weight"}
+    assert "wte" not in {t.name for t in model.graph.initializer}  # the token table is a file of its own
+    assert token_table_path(path).stat().st_size == CFG.vocab_size * CFG.n_embd * 4
     assert all(len(t.raw_data) < 1024 for t in inline)
     places = [{e.key: e.value for e in t.external_data} for t in external]
     assert {p["location"] for p in places} == {"model.onnx.data"}
@@ -156,10 +162,11 @@ def test_an_untied_head_in_a_bin_is_still_refused(tmp_path: Path) -> None:
 
 def test_ort_dynamic_leaves_only_the_graph_and_its_data(checkpoint: Path, tmp_path: Path) -> None:
     """quantize_dynamic works on a streamed fp32 graph and writes its own external data; the entry ends
-    with model.onnx and model.onnx.data only (no fp32 leftovers counted in the manifest)."""
+    with model.onnx, model.onnx.data and the token table only (no fp32 leftovers counted in the manifest),
+    and the graph still records its table."""
     prepared = prepare_model(ModelSettings(model=str(checkpoint), kolite_home=tmp_path, precision="int8",
                                            int8_scheme="ort-dynamic"))
-    assert set(prepared.manifest["files"]) == {"model.onnx", "model.onnx.data"}
+    assert set(prepared.manifest["files"]) == {"model.onnx", "model.onnx.data", "model.onnx.tokens"}
     model = onnx.load(str(prepared.graph), load_external_data=False)
     assert any(n.op_type == "DynamicQuantizeLinear" for n in model.graph.node)
     assert prepared.graph.stat().st_size < prepared.graph.with_name("model.onnx.data").stat().st_size

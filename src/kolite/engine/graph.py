@@ -5,10 +5,12 @@ Writing the graph by hand keeps conversion torch-free and lets us shape it for s
   its own length (`seqlens_k`), so requests of different lengths share a batch without padding, and
   the runtime binds `past_*` and `present_*` to the same preallocated buffers: the cache is updated
   in place instead of being copied at every step;
-- inputs `input_ids`, `position_ids`, `seqlens_k` (per row: tokens in the cache after this step,
-  minus one), `total_sequence_length`, and `past_key_i`/`past_value_i` ([batch, heads, capacity,
-  head_dim], float32 or, with `kv_cache="fp16"`, float16); outputs `logits` and
-  `present_key_i`/`present_value_i` (the same buffers when bound so);
+- inputs `token_embeddings` (the rows of the token table for this step's ids: the table is a file of
+  its own beside the graph, read by `kolite.engine.embeddings.TokenTable`, see `_token_table`),
+  `position_ids`, `seqlens_k` (per row: tokens in the cache after this step, minus one),
+  `total_sequence_length`, and `past_key_i`/`past_value_i` ([batch, heads, capacity, head_dim],
+  float32 or, with `kv_cache="fp16"`, float16); outputs `logits` and `present_key_i`/`present_value_i`
+  (the same buffers when bound so);
 - the attention scale is folded into the query weights, and `logits` covers only the last position
   unless `all_logits` is asked for: generation never needs the others, and the lm_head is the largest
   MatMul of a prefill (51200 x 768 for KoGPT2);
@@ -19,6 +21,7 @@ Writing the graph by hand keeps conversion torch-free and lets us shape it for s
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -30,6 +33,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from kolite.engine.cpu import Int8Weights, detect
+from kolite.engine.embeddings import TOKEN_TABLE_KEY
 from kolite.models.gpt2config import GPT2Config
 
 OPSET = 17
@@ -38,7 +42,7 @@ MS_DOMAIN = "com.microsoft"
 
 def input_names(n_layer: int) -> list[str]:
     """Graph input names in the order the runtime feeds them."""
-    names = ["input_ids", "position_ids", "seqlens_k", "total_sequence_length"]
+    names = ["token_embeddings", "position_ids", "seqlens_k", "total_sequence_length"]
     for i in range(n_layer):
         names += [f"past_key_{i}", f"past_value_{i}"]
     return names
@@ -260,15 +264,37 @@ def _int8_matmul(b: _Builder, x: str, w: np.ndarray, tag: str, int8_weights: Int
     return b.op("Mul", [scaled, b.const(f"{tag}.scale", w_scale)])
 
 
-def _embedding(b: _Builder, wte: np.ndarray, quantized: bool) -> str:
-    """Token embeddings. Quantized graphs keep the table as int8 with one scale per row: a step reads
-    a single row, but the whole table (40 MB as int8 for KoGPT2, 157 MB as float32) stays resident."""
-    if not quantized:
-        return b.op("Gather", [b.const("wte", wte), "input_ids"], name="tok_emb")
-    q, scale = quantize_columns(wte.T)  # a row of wte is a column of wte.T
-    rows = b.op("Cast", [b.op("Gather", [b.const("wte_q", q.T), "input_ids"])], to=TensorProto.FLOAT)
-    scales = b.op("Gather", [b.const("wte_scale", scale[:, None]), "input_ids"])  # [batch, seq, 1]
-    return b.op("Mul", [rows, scales], name="tok_emb")
+def token_table_path(graph: Path) -> Path:
+    """Where a graph's token table lives: `model.onnx.tokens` beside `model.onnx`."""
+    return graph.with_name(graph.name + ".tokens")
+
+
+def _token_table(model: onnx.ModelProto, wte: np.ndarray, quantized: bool, path: Path) -> None:
+    """Write the token embedding table to `path`, outside the graph, and record its layout in the
+    graph's metadata (`kolite.token_table`).
+
+    Why not a `Gather` in the graph: onnxruntime maps the table from the data file, so every row a
+    prompt touches pulls its pages (64 KB with the kernel's fault-around) into the server's resident set
+    for good: 13-22 MB after a few Korean prompts, up to the whole table (39 MB as int8 for KoGPT2, 157 MB
+    as float32). Read with `pread`, rows go through the page cache, which the kernel shares and drops
+    as it needs, and the server holds only the rows of the step it runs. Quantized graphs store int8
+    rows with one float32 scale per row after them (the table is symmetric per row: the lm_head keeps
+    its own per-column copy); fp32 graphs store float32 rows.
+    """
+    if quantized:
+        q, scale = quantize_columns(wte.T)  # a row of wte is a column of wte.T
+        rows, layout = q.T, {"dtype": "int8", "scales": "float32"}
+    else:
+        rows, scale, layout = wte, None, {"dtype": "float32", "scales": None}
+    with Path(path).open("wb") as fh:
+        step = max(1, QUANT_BLOCK // rows.shape[1])
+        for start in range(0, rows.shape[0], step):
+            fh.write(np.ascontiguousarray(rows[start:start + step], dtype=rows.dtype.newbyteorder("<")).data)
+        if scale is not None:
+            fh.write(np.ascontiguousarray(scale, dtype="<f4").data)
+    layout.update(file=Path(path).name, rows=int(rows.shape[0]), dim=int(rows.shape[1]))
+    helper.set_model_props(model, {**{p.key: p.value for p in model.metadata_props},
+                                   TOKEN_TABLE_KEY: json.dumps(layout)})
 
 
 KVCache = Literal["fp32", "fp16"]
@@ -277,6 +303,7 @@ KVCache = Literal["fp32", "fp16"]
 def build_gpt2_graph(
     cfg: GPT2Config, weights: Mapping[str, np.ndarray], *, all_logits: bool = False, quant: Weights = "fp32",
     kv_cache: KVCache = "fp32", int8_weights: Int8Weights | None = None, external_data: Path | None = None,
+    token_table: Path,
 ) -> onnx.ModelProto:
     """The GPT-2 graph for `cfg` with `weights` (canonical transformers key names); `quant` says how
     the weight matrices are stored (the embeddings, norms and biases stay float32).
@@ -296,6 +323,9 @@ def build_gpt2_graph(
     EXTERNAL_MIN_BYTES or more is written there as soon as it is made, so the returned graph holds only
     references: save it in the same folder, and no more than one weight and its quantized form is ever
     in memory. Without it, the graph holds its weights, as `onnx.save` expects.
+
+    `token_table` is the file the token embeddings go to (`token_table_path(graph)`: the runtime looks
+    for the name the metadata records in the graph's folder). `write_gpt2_graph` builds and saves both.
     """
     b = _Builder(data=ExternalData(external_data) if external_data is not None else None)
     form: Int8Weights = int8_weights or detect().int8_weights
@@ -304,9 +334,8 @@ def build_gpt2_graph(
     def w(key: str) -> np.ndarray:
         return np.asarray(weights[key], dtype=np.float32)
 
-    tok_emb = _embedding(b, w("transformer.wte.weight"), quantized=quant != "fp32")
     wpe = b.const("wpe", w("transformer.wpe.weight"))
-    hidden = b.op("Add", [tok_emb, b.op("Gather", [wpe, "position_ids"], name="pos_emb")])
+    hidden = b.op("Add", ["token_embeddings", b.op("Gather", [wpe, "position_ids"], name="pos_emb")])
     split_sizes = b.const("qkv_split", np.array([e, e, e], np.int64))
 
     eps = cfg.layer_norm_epsilon
@@ -360,7 +389,7 @@ def build_gpt2_graph(
 
     kv_shape = ["batch", h, "capacity", d]
     inputs = [
-        helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "seq"]),
+        helper.make_tensor_value_info("token_embeddings", TensorProto.FLOAT, ["batch", "seq", e]),
         helper.make_tensor_value_info("position_ids", TensorProto.INT64, ["batch", "seq"]),
         helper.make_tensor_value_info("seqlens_k", TensorProto.INT32, ["batch"]),
         helper.make_tensor_value_info("total_sequence_length", TensorProto.INT32, []),
@@ -378,7 +407,18 @@ def build_gpt2_graph(
     model.ir_version = 8  # readable by every onnxruntime that supports opset 17
     if quant == "int8":
         set_int8_weights(model, form)
+    _token_table(model, w("transformer.wte.weight"), quant != "fp32", token_table)
     return model
+
+
+def write_gpt2_graph(cfg: GPT2Config, weights: Mapping[str, np.ndarray], path: Path, **options: object) -> Path:
+    """Build the graph (`build_gpt2_graph` with `options`) and save it at `path`, its weights in
+    `path.data` and its token table in `path.tokens`, the layout the runtime opens."""
+    path = Path(path)
+    model = build_gpt2_graph(cfg, weights, external_data=path.with_name(path.name + ".data"),
+                             token_table=token_table_path(path), **options)  # type: ignore[arg-type]
+    onnx.save_model(model, str(path))
+    return path
 
 
 INT8_WEIGHTS_KEY = "kolite.int8_weights"

@@ -6,6 +6,8 @@ sequence owns a slot (a row); the runtime binds the buffers as both `past` and `
 `GroupQueryAttention` writes each new key and value in place. Decoding `n` sequences uses slots
 0..n-1, a contiguous view, so no batch is ever assembled by copying. Pages of the buffers become
 resident only when written (see `lazy_zeros`), so a large capacity costs nothing until it is used.
+The token embeddings of each step are read from the table file beside the graph
+(`kolite.engine.embeddings`), so the table is never mapped into the server's memory.
 
 Session options that matter on a small board: intra-op threads equal to the cores we may use, one
 inter-op thread (the graph is a chain), full graph optimisation, and no memory arena.
@@ -24,6 +26,7 @@ import numpy as np
 import onnxruntime as ort
 
 from kolite.engine.cpu import CpuInfo, detect
+from kolite.engine.embeddings import TokenTable
 from kolite.errors import ModelFormatError
 from kolite.models.gpt2config import GPT2Config
 
@@ -109,7 +112,9 @@ class GPT2Runtime:
         self.session = ort.InferenceSession(
             str(model_path), sess_options=self.options.session_options(), providers=["CPUExecutionProvider"]
         )
-        check_int8_weights(self.session.get_modelmeta().custom_metadata_map, detect())
+        metadata = self.session.get_modelmeta().custom_metadata_map
+        check_int8_weights(metadata, detect())
+        self.tokens = TokenTable.for_graph(Path(model_path), metadata)
         self.capacity = capacity or cfg.n_positions
         self._kv_names = [f"{kind}_{i}" for i in range(cfg.n_layer) for kind in ("key", "value")]
         past = {i.name: i.type for i in self.session.get_inputs()}["past_key_0"]
@@ -234,9 +239,9 @@ class GPT2Runtime:
             io.bind_input(f"past_{name}", "cpu", 0, self.kv_dtype, shape, view.ctypes.data)
             io.bind_output(f"present_{name}", "cpu", 0, self.kv_dtype, shape, view.ctypes.data)
 
-    @staticmethod
-    def _feeds(ids: np.ndarray, positions: np.ndarray, seqlens_k: np.ndarray, total: int) -> dict[str, np.ndarray]:
-        return {"input_ids": ids, "position_ids": positions, "seqlens_k": seqlens_k,
+    def _feeds(self, ids: np.ndarray, positions: np.ndarray, seqlens_k: np.ndarray,
+               total: int) -> dict[str, np.ndarray]:
+        return {"token_embeddings": self.tokens.lookup(ids), "position_ids": positions, "seqlens_k": seqlens_k,
                 "total_sequence_length": np.array(total, np.int32)}
 
 

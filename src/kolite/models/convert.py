@@ -27,7 +27,8 @@ from kolite.models.weights import GPT2Weights, open_checkpoint
 log = logging.getLogger(__name__)
 
 # Bump when the graph builder changes what it emits: every cached graph is rebuilt.
-GRAPH_VERSION = 4  # 3: unfused residual norms, weights in model.onnx.data; 4: fp16 KV for int8/int4
+# 3: unfused residual norms, weights in model.onnx.data; 4: fp16 KV for int8/int4; 5: the token table in a file
+GRAPH_VERSION = 5
 
 Progress = Callable[[str], None]
 
@@ -46,8 +47,8 @@ class PreparedModel:
     @property
     def graph_bytes(self) -> int:
         """The graph and its external weights file together: the model's size on disk."""
-        return sum(p.stat().st_size for p in (self.graph, self.graph.with_name(self.graph.name + ".data"))
-                   if p.is_file())
+        return sum(p.stat().st_size for p in (self.graph, self.graph.with_name(self.graph.name + ".data"),
+                                               self.graph.with_name(self.graph.name + ".tokens")) if p.is_file())
 
 
 @dataclass(frozen=True)
@@ -113,7 +114,7 @@ def build_graph_files(files: ModelFiles, cfg: GPT2Config, precision: str, out_di
     """
     import onnx
 
-    from kolite.engine.graph import build_gpt2_graph
+    from kolite.engine.graph import build_gpt2_graph, token_table_path
     from kolite.engine.quantize import quantize_int8
 
     say = progress or (lambda _msg: None)
@@ -132,7 +133,7 @@ def build_graph_files(files: ModelFiles, cfg: GPT2Config, precision: str, out_di
         # Quantized graphs keep a float16 KV cache (as llama.cpp does); fp32 stays exact end to end.
         model = build_gpt2_graph(cfg, weights, quant=quant, kv_cache="fp32" if quant == "fp32" else "fp16",
                                  int8_weights=int8_weights,  # type: ignore[arg-type]
-                                 external_data=_data_file(graph))
+                                 external_data=_data_file(graph), token_table=token_table_path(target))
     onnx.save_model(model, str(graph))  # the graph alone: its weights are in the data file already
     if not ort_dynamic:
         return target
