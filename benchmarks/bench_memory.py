@@ -18,6 +18,7 @@ Each phase runs in a fresh process, as a fresh server would:
 
     python benchmarks/bench_memory.py                         # breakdown + serve (pool 4096), ~1 min
     python benchmarks/bench_memory.py --pools 4096,1024 --http
+    python benchmarks/bench_memory.py --pools 4096 --http --kv-cache int8   # the int8 KV cache
     python benchmarks/bench_memory.py --quick                 # 2-layer model: a smoke test
 """
 
@@ -414,6 +415,8 @@ def main(argv: list[str] | None = None) -> int:
                     "LONG_PROMPT; default: kolite's own)")
     ap.add_argument("--prefill-chunk", type=int, default=None,
                     help="serve: prompt tokens prefilled per step (the runtime's PREFILL_CHUNK; default: kolite's)")
+    ap.add_argument("--kv-cache", choices=["float", "int8"], default=None,
+                    help="KOLITE_KV_CACHE for every phase (default: the setting's, float)")
     ap.add_argument("--http", action="store_true", help="also measure a real `kolite serve` with streaming clients")
     ap.add_argument("--quick", action="store_true", help="2-layer KoGPT2-width model: a smoke test")
     ap.add_argument("--work-dir", type=Path, default=bench_core.DEFAULT_OUT / "work")
@@ -422,6 +425,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model-dir", type=Path, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--home", type=Path, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.kv_cache:  # every phase, the pull and the HTTP server read it from the environment
+        os.environ["KOLITE_KV_CACHE"] = args.kv_cache
     if args.phase:  # a child: one phase, its JSON on the last line
         pool = int(args.pools) or None
         result = phase_breakdown(args) if args.phase == "breakdown" else phase_serve(args, pool or 4096)
@@ -434,6 +439,7 @@ def main(argv: list[str] | None = None) -> int:
     result: dict[str, Any] = {"benchmark": "bench_memory",
                               "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
                               "machine": bench_core.machine_info(), "page_size": PAGE,
+                              "kv_cache": os.environ.get("KOLITE_KV_CACHE", "float"),
                               "breakdown": _run_phase(args, "breakdown"), "serve": []}
     for pool in pools:
         serve = _run_phase(args, "serve", pool)

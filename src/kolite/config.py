@@ -18,6 +18,7 @@ DEFAULT_MODEL = "skt/kogpt2-base-v2"
 Precision = Literal["auto", "int8", "int4", "fp32"]
 Int8Scheme = Literal["per-token", "ort-dynamic"]
 Int8WeightsSetting = Literal["auto", "s8", "u8"]
+KVCache = Literal["float", "int8"]
 # The KV pool's default: 4 full KoGPT2 contexts, or 8 streams of 512 tokens (144 MB in float16 for KoGPT2).
 # Why not max_batch x 1024: 8 full contexts are 288 MB of cache alone; with the ~270 MB a warm server holds
 # and a long prompt's scratch that is ~0.65 GB, too much for a 1 GB board beside its system.
@@ -113,6 +114,9 @@ class ModelSettings(BaseSettings):
         "auto", description="How int8 weights are stored: auto (the form exact on this CPU), s8 (fastest with VNNI, "
         "AMX or ARM; saturates on x86 without VNNI) or u8 (exact on every CPU). For converting on one machine for "
         "another.")
+    kv_cache: KVCache = Field(
+        "float", description="KV cache: float (float16 for int8/int4 models, float32 for fp32) or int8 (half the "
+        "memory per token of float16, scales calibrated at conversion; prompts prefill slower). For small boards.")
     cache_dir: Path | None = Field(None, description="Hub download cache (default: HF_HOME's hub cache).")
     kolite_home: Path = Field(default_factory=default_kolite_home, description="Where converted graphs go.")
     threads: int = Field(default_factory=default_threads, ge=1, le=256, description="ONNX Runtime threads.")

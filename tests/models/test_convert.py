@@ -69,6 +69,25 @@ def test_each_int8_weight_form_is_its_own_entry(folder: Path, tmp_path: Path) ->
     assert again.converted and again.manifest["int8_weights"] == "u8"
 
 
+@pytest.mark.parametrize("precision", ["int8", "int4", "fp32"])
+def test_an_int8_kv_cache_is_its_own_entry(folder: Path, tmp_path: Path, precision: str) -> None:
+    """`--kv-cache int8` converts to a "-kv8" folder whose graph caches int8 (calibrated with the model's
+    tokenizer), beside the float-cache entry, and serves: prefill and decode give finite logits."""
+    from kolite.engine.runtime import GPT2Runtime
+
+    home = tmp_path / "home"
+    plain = prepare_model(ModelSettings(model=str(folder), kolite_home=home, precision=precision))
+    kv8 = prepare_model(ModelSettings(model=str(folder), kolite_home=home, precision=precision, kv_cache="int8"))
+    assert kv8.graph.parent.name == plain.graph.parent.name + "-kv8"
+    assert (plain.manifest["kv_cache"], kv8.manifest["kv_cache"]) == ("float", "int8")
+    rt = GPT2Runtime(kv8.graph, kv8.config)
+    assert rt.kv_dtype.name == "int8" and GPT2Runtime(plain.graph, plain.config).kv_dtype.name != "int8"
+    logits = rt.prefill(0, [1, 2, 3, 4])
+    assert logits.shape[-1] == TINY.vocab_size and bool(abs(rt.decode([5], [4])).sum() > 0)
+    again = prepare_model(ModelSettings(model=str(folder), kolite_home=home, precision=precision, kv_cache="int8"))
+    assert not again.converted and again.graph == kv8.graph
+
+
 def test_an_s8_graph_is_refused_where_u8_x_s8_saturates(folder: Path, tmp_path: Path,
                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     from kolite.engine import runtime

@@ -415,6 +415,7 @@ def write_gpt2_graph(cfg: GPT2Config, weights: Mapping[str, np.ndarray], path: P
     """Build the graph (`build_gpt2_graph` with `options`) and save it at `path`, its weights in
     `path.data` and its token table in `path.tokens`, the layout the runtime opens."""
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     model = build_gpt2_graph(cfg, weights, external_data=path.with_name(path.name + ".data"),
                              token_table=token_table_path(path), **options)  # type: ignore[arg-type]
     onnx.save_model(model, str(path))

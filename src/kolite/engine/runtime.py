@@ -66,6 +66,10 @@ def release_free_memory() -> None:
 
 _malloc_trim = None
 
+# The cache element types a kolite graph declares: float32 (fp32 graphs), float16 (int8/int4), int8
+# (`--kv-cache int8`, see `kolite.engine.kvquant`).
+KV_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int8)": np.int8}
+
 # Prompt tokens per prefill call (see `GPT2Runtime.prefill`); 256 measured fastest of 128/256/whole.
 PREFILL_CHUNK = 256
 
@@ -118,7 +122,7 @@ class GPT2Runtime:
         self.capacity = capacity or cfg.n_positions
         self._kv_names = [f"{kind}_{i}" for i in range(cfg.n_layer) for kind in ("key", "value")]
         past = {i.name: i.type for i in self.session.get_inputs()}["past_key_0"]
-        self.kv_dtype = np.dtype(np.float16 if past == "tensor(float16)" else np.float32)  # as the graph says
+        self.kv_dtype = np.dtype(KV_DTYPES[past])  # as the graph says
         self._all_logits = self.session.get_outputs()[0].shape[1] != 1  # graph built with all_logits
         self.slots = 0
         self.ensure_slots(slots)

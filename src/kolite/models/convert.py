@@ -58,14 +58,16 @@ class Kernels:
     precision: str
     scheme: str | None  # int8 only
     int8_weights: str | None  # int8 only: "s8" or "u8"
+    kv_cache: str = "float"  # or "int8"
 
     @property
     def variant(self) -> str:
-        """The cache folder's name: a graph made for one weight form is never found as the other."""
-        if self.precision != "int8":
-            return self.precision
-        name = "int8" if self.scheme == "per-token" else f"int8-{self.scheme}"
-        return name if self.int8_weights == "s8" else f"{name}-{self.int8_weights}"
+        """The cache folder's name: a graph made for one weight form or cache type is never found as another."""
+        name = self.precision
+        if self.precision == "int8":
+            name = "int8" if self.scheme == "per-token" else f"int8-{self.scheme}"
+            name = name if self.int8_weights == "s8" else f"{name}-{self.int8_weights}"
+        return name if self.kv_cache == "float" else f"{name}-kv8"
 
 
 def choose_kernels(settings: ModelSettings, cpu: CpuInfo) -> Kernels:
@@ -75,12 +77,12 @@ def choose_kernels(settings: ModelSettings, cpu: CpuInfo) -> Kernels:
         if precision == "int4" and not cpu.int4_fast:
             log.warning("int4 on this CPU (%s) runs ONNX Runtime's fallback 4-bit kernel (it needs %s): "
                         "expect it slower than int8", cpu.summary(), "dot product" if cpu.is_arm64 else "AVX2")
-        return Kernels(precision, None, None)
+        return Kernels(precision, None, None, settings.kv_cache)
     weights = int8_weights_for(settings.int8_weights, cpu)
     if weights == "s8" and not cpu.exact_u8s8:
         log.warning("int8 weights s8 were asked for, but this CPU's int8 kernel (%s) saturates with them: the "
                     "graph is for another machine and will be refused here", cpu.int8_kernel)
-    return Kernels("int8", settings.int8_scheme, weights)
+    return Kernels("int8", settings.int8_scheme, weights, settings.kv_cache)
 
 
 def _expected_manifest(files: ModelFiles, kernels: Kernels) -> dict:
@@ -89,6 +91,7 @@ def _expected_manifest(files: ModelFiles, kernels: Kernels) -> dict:
         "precision": kernels.precision,
         "int8_scheme": kernels.scheme,
         "int8_weights": kernels.int8_weights,
+        "kv_cache": kernels.kv_cache,
         "source": {"name": files.name, "revision": files.revision,
                    "weights": file_fingerprint(files.weights), "config": file_fingerprint(files.config)},
         "onnx": version("onnx"),  # read from metadata: serving a cached graph never imports onnx (~25 MB)
@@ -97,7 +100,7 @@ def _expected_manifest(files: ModelFiles, kernels: Kernels) -> dict:
 
 
 def build_graph_files(files: ModelFiles, cfg: GPT2Config, precision: str, out_dir: Path,
-                      *, scheme: str = "per-token", int8_weights: str | None = None,
+                      *, scheme: str = "per-token", int8_weights: str | None = None, kv_cache: str = "float",
                       progress: Progress | None = None) -> Path:
     """Convert the checkpoint in `files` to `out_dir/model.onnx` (weights in `model.onnx.data`); returns that path.
 
@@ -105,6 +108,8 @@ def build_graph_files(files: ModelFiles, cfg: GPT2Config, precision: str, out_di
     activations quantized per token at run time; int4 blocks for onnxruntime's MatMulNBits);
     int8 "ort-dynamic" builds fp32 and runs onnxruntime's `quantize_dynamic` (per-channel) over it.
     `int8_weights` is the int8 weight form ("s8" or "u8"; None: the one exact on this CPU).
+    `kv_cache="int8"` then calibrates the cache's scales on the finished graph and makes its cache int8
+    (`calibrate_kv_cache`).
 
     Streamed, so a Pi can convert KoGPT2: the checkpoint is read one tensor at a time and each weight,
     quantized as it comes, goes straight into the external-data file (`build_gpt2_graph`'s
@@ -135,16 +140,41 @@ def build_graph_files(files: ModelFiles, cfg: GPT2Config, precision: str, out_di
                                  int8_weights=int8_weights,  # type: ignore[arg-type]
                                  external_data=_data_file(graph), token_table=token_table_path(target))
     onnx.save_model(model, str(graph))  # the graph alone: its weights are in the data file already
-    if not ort_dynamic:
-        return target
     del model
     gc.collect()
-    say("quantizing to int8 with onnxruntime's quantize_dynamic (per-channel)")
-    quantize_int8(graph, target, per_channel=True, int8_weights=int8_weights,  # type: ignore[arg-type]
-                  external_data=True)
-    graph.unlink()
-    _data_file(graph).unlink()
+    if ort_dynamic:
+        say("quantizing to int8 with onnxruntime's quantize_dynamic (per-channel)")
+        quantize_int8(graph, target, per_channel=True, int8_weights=int8_weights,  # type: ignore[arg-type]
+                      external_data=True)
+        graph.unlink()
+        _data_file(graph).unlink()
+    if kv_cache == "int8":
+        say("calibrating the int8 KV cache")
+        calibrate_kv_cache(target, cfg, files.tokenizer)
     return target
+
+
+def calibrate_kv_cache(graph: Path, cfg: GPT2Config, tokenizer_json: Path | None) -> None:
+    """Make the float-cache graph at `graph` an int8-cache one, with scales measured by running it on the
+    calibration text (through `tokenizer_json`, when the model has one) and random ids."""
+    import onnx
+
+    from kolite.engine import kvquant
+    from kolite.engine.runtime import GPT2Runtime
+
+    text_ids = None
+    if tokenizer_json is not None:
+        from tokenizers import Tokenizer
+
+        text_ids = Tokenizer.from_file(str(tokenizer_json)).encode(kvquant.CALIBRATION_TEXT).ids
+    runtime = GPT2Runtime(graph, cfg)
+    k_max, v_max = kvquant.calibrate(runtime, kvquant.calibration_sequences(cfg.vocab_size, cfg.n_positions,
+                                                                            text_ids))
+    del runtime
+    gc.collect()
+    model = onnx.load(str(graph), load_external_data=False)
+    kvquant.quantize_kv_cache(model, kvquant.scales_from(k_max), kvquant.scales_from(v_max))
+    onnx.save_model(model, str(graph))
 
 
 def _data_file(graph: Path) -> Path:
@@ -179,6 +209,6 @@ def prepare_model(settings: ModelSettings, *, progress: Progress | None = None,
     manifest = {**expected, "config": cfg.to_dict(), "kolite": __version__}
     entry = write_entry(folder, manifest, lambda tmp: build_graph_files(
         files, cfg, kernels.precision, tmp, scheme=kernels.scheme or "per-token", int8_weights=kernels.int8_weights,
-        progress=say))
+        kv_cache=kernels.kv_cache, progress=say))
     say(f"converted {files.name} to {kernels.variant} in {time.perf_counter() - started:.1f}s: {entry.graph}")
     return PreparedModel(files, cfg, kernels.precision, entry.graph, entry.manifest, converted=True)
