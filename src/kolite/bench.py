@@ -702,6 +702,7 @@ def run_bench(settings: ModelSettings, options: BenchOptions | None = None, *, r
         "path": str(model.prepared.files.root), "precision": model.prepared.precision,
         "int8_scheme": model.prepared.manifest.get("int8_scheme"),
         "int8_weights": model.prepared.manifest.get("int8_weights"), "threads": settings.threads,
+        "kv_cache": f"{model.runtime.kv_dtype.name}, {model.runtime.kv_bytes_per_token // 1024} KB per token",
         "shape": {k: getattr(cfg, k) for k in ("n_layer", "n_embd", "n_head", "vocab_size", "n_positions")},
         "parameters": parameter_count(cfg), "graph": str(model.prepared.graph),
         "graph_mb": round(weights["graph_file_bytes"] / MB, 1), "tokenizer": model.tokenizer_kind,
@@ -860,6 +861,7 @@ def render_table(report: dict[str, Any]) -> str:
         f"{_count(mod['parameters'])} params | {mod['precision']}"
         f"{' ' + mod['int8_scheme'] if mod.get('int8_scheme') else ''}"
         f"{' ' + mod['int8_weights'] + ' weights' if mod.get('int8_weights') else ''}"
+        f"{' | KV cache ' + mod['kv_cache'] if mod.get('kv_cache') else ''}"
         f" | graph {_mb(mod['graph_mb'] * MB)} | "
         f"{mod['threads']} thread{'s' if mod['threads'] > 1 else ''}",
         f"tokenizer: {mod['tokenizer']}",

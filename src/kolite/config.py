@@ -18,7 +18,10 @@ DEFAULT_MODEL = "skt/kogpt2-base-v2"
 Precision = Literal["auto", "int8", "int4", "fp32"]
 Int8Scheme = Literal["per-token", "ort-dynamic"]
 Int8WeightsSetting = Literal["auto", "s8", "u8"]
-KVCache = Literal["float", "int8"]
+KVCache = Literal["auto", "float", "int8"]
+# `--kv-cache auto` picks int8 on machines with this much memory or less (a 1 or 2 GB Pi, a container
+# limited so): half the cache per token, for prompts that prefill 30-50% slower (benchmarks/RESULTS.md).
+SMALL_MEMORY_BYTES = 2 * 2**30
 # The KV pool's default: 4 full KoGPT2 contexts, or 8 streams of 512 tokens (144 MB in float16 for KoGPT2).
 # Why not max_batch x 1024: 8 full contexts are 288 MB of cache alone; with the ~270 MB a warm server holds
 # and a long prompt's scratch that is ~0.65 GB, too much for a 1 GB board beside its system.
@@ -90,6 +93,43 @@ def _read_quota(folder: Path, files: tuple[str, ...]) -> float | None:
         return None
 
 
+def memory_limit_bytes(meminfo: Path = Path("/proc/meminfo"), root: Path = Path("/sys/fs/cgroup"),
+                       proc_cgroup: Path = Path("/proc/self/cgroup")) -> int | None:
+    """The memory this process may use: the machine's (MemTotal) or its cgroup's limit if smaller
+    (v2 `memory.max`, v1 `memory.limit_in_bytes`, in its cgroup and each parent); None when unknown."""
+    limits: list[int] = []
+    try:
+        for line in meminfo.read_text(encoding="ascii").splitlines():
+            if line.startswith("MemTotal:"):
+                limits.append(int(line.split()[1]) * 1024)
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        lines = proc_cgroup.read_text(encoding="utf-8").splitlines()
+    except OSError:
+        lines = []
+    for line in lines:
+        _, controllers, path = [*line.split(":", 2), "", ""][:3]
+        if controllers == "":
+            base, name = root, "memory.max"
+        elif "memory" in controllers.split(","):
+            base, name = root / "memory", "memory.limit_in_bytes"
+        else:
+            continue
+        folder = base / path.strip().lstrip("/")
+        while True:
+            try:
+                text = (folder / name).read_text(encoding="ascii").strip()
+                if text.isdigit() and int(text) < 2**60:  # "max", or v1's huge "unlimited"
+                    limits.append(int(text))
+            except OSError:
+                pass
+            if folder == base or base not in folder.parents:
+                break
+            folder = folder.parent
+    return min(limits) if limits else None
+
+
 def default_kolite_home() -> Path:
     """Converted graphs live beside the hub cache so one `rm -r` forgets a model."""
     return Path(os.environ.get("KOLITE_HOME", Path.home() / ".cache" / "kolite"))
@@ -115,8 +155,9 @@ class ModelSettings(BaseSettings):
         "AMX or ARM; saturates on x86 without VNNI) or u8 (exact on every CPU). For converting on one machine for "
         "another.")
     kv_cache: KVCache = Field(
-        "float", description="KV cache: float (float16 for int8/int4 models, float32 for fp32) or int8 (half the "
-        "memory per token of float16, scales calibrated at conversion; prompts prefill slower). For small boards.")
+        "auto", description="KV cache: float (float16 for int8/int4 models, float32 for fp32), int8 (half the "
+        "memory per token of float16, scales calibrated at conversion; long prompts prefill a third to a half "
+        "slower) or auto (int8 where the machine or its container has 2 GB of memory or less, else float).")
     cache_dir: Path | None = Field(None, description="Hub download cache (default: HF_HOME's hub cache).")
     kolite_home: Path = Field(default_factory=default_kolite_home, description="Where converted graphs go.")
     threads: int = Field(default_factory=default_threads, ge=1, le=256, description="ONNX Runtime threads.")

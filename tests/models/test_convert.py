@@ -180,13 +180,36 @@ def test_cpu_and_kernels_are_logged_and_slow_int4_warns(folder: Path, tmp_path: 
     pi4 = parse_cpuinfo("Features : fp asimd evtstrm crc32 cpuid\nCPU implementer : 0x41\nCPU part : 0xd08\n",
                         "aarch64")
     monkeypatch.setattr(convert, "detect", lambda: pi4)
+    monkeypatch.setattr(convert, "memory_limit_bytes", lambda: 8 * 2**30)  # an 8 GB Pi 4: a float cache
     home = tmp_path / "home"
     with caplog.at_level("INFO", logger="kolite"):
         auto = prepare_model(ModelSettings(model=str(folder), kolite_home=home))
-    assert auto.precision == "int8" and auto.manifest["int8_weights"] == "s8"
-    line = "CPU ARM Cortex-A72 (aarch64; asimd): int8 kernel NEON (no dot product); int8 (precision auto)"
+    assert auto.precision == "int8" and auto.manifest["int8_weights"] == "s8" and auto.manifest["kv_cache"] == "float"
+    line = ("CPU ARM Cortex-A72 (aarch64; asimd): int8 kernel NEON (no dot product); memory 8.0 GB; int8 "
+            "(precision and kv_cache auto)")
     assert line in caplog.text
+    monkeypatch.setattr(convert, "memory_limit_bytes", lambda: 2**30)  # a 1 GB Pi: the int8 cache
+    monkeypatch.setattr("kolite.engine.runtime.detect", lambda: pi4)  # calibration runs the Pi's s8 graph here
+    caplog.clear()
+    with caplog.at_level("INFO", logger="kolite"):
+        small = prepare_model(ModelSettings(model=str(folder), kolite_home=home))
+    assert small.manifest["kv_cache"] == "int8" and small.graph.parent.name == "int8-kv8"
+    assert "memory 1.0 GB; int8-kv8 (precision and kv_cache auto)" in caplog.text
     caplog.clear()
     with caplog.at_level("INFO", logger="kolite"):
         prepare_model(ModelSettings(model=str(folder), kolite_home=home, precision="int4"))
     assert any(r.levelname == "WARNING" and "fallback 4-bit kernel" in r.getMessage() for r in caplog.records)
+
+
+def test_an_int8_kv_cache_is_not_calibrated_with_weights_this_cpu_computes_wrong() -> None:
+    """Calibrating runs the graph: s8 weights for another machine on a CPU where u8 x s8 saturates would
+    measure wrong magnitudes, so that combination is refused before anything is read."""
+    from kolite.engine.cpu import parse_cpuinfo
+    from kolite.errors import ModelFormatError
+
+    avx2 = parse_cpuinfo("processor\t: 0\nvendor_id\t: AuthenticAMD\nmodel name\t: AMD EPYC\nflags\t\t: avx2 fma\n",
+                         "x86_64")
+    with pytest.raises(ModelFormatError, match="--kv-cache float"):
+        convert.choose_kernels(ModelSettings(int8_weights="s8", kv_cache="int8"), avx2)
+    assert convert.choose_kernels(ModelSettings(int8_weights="s8", kv_cache="float"), avx2).int8_weights == "s8"
+    assert convert.choose_kernels(ModelSettings(kv_cache="int8"), avx2).variant == "int8-u8-kv8"

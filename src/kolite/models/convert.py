@@ -17,8 +17,9 @@ from pathlib import Path
 import onnxruntime
 
 from kolite import __version__
-from kolite.config import ModelSettings
+from kolite.config import SMALL_MEMORY_BYTES, ModelSettings, memory_limit_bytes
 from kolite.engine.cpu import CpuInfo, auto_precision, detect, int8_weights_for
+from kolite.errors import ModelFormatError
 from kolite.models.cache import GRAPH, CacheEntry, entry_folder, file_fingerprint, lookup, write_entry
 from kolite.models.gpt2config import GPT2Config
 from kolite.models.resolve import ModelFiles, resolve_model
@@ -70,19 +71,32 @@ class Kernels:
         return name if self.kv_cache == "float" else f"{name}-kv8"
 
 
-def choose_kernels(settings: ModelSettings, cpu: CpuInfo) -> Kernels:
-    """Resolve `--precision auto` and `--int8-weights auto` for `cpu`, warning where a choice is slow or wrong."""
+def choose_kv_cache(setting: str, memory: int | None) -> str:
+    """Resolve `--kv-cache auto`: int8 where the machine (or its container) has SMALL_MEMORY_BYTES or less."""
+    if setting != "auto":
+        return setting
+    return "int8" if memory is not None and memory <= SMALL_MEMORY_BYTES else "float"
+
+
+def choose_kernels(settings: ModelSettings, cpu: CpuInfo, memory: int | None = None) -> Kernels:
+    """Resolve `--precision auto`, `--int8-weights auto` and `--kv-cache auto` for `cpu` and `memory`
+    (bytes this process may use), warning where a choice is slow or wrong."""
     precision = auto_precision(cpu) if settings.precision == "auto" else settings.precision
+    kv_cache = choose_kv_cache(settings.kv_cache, memory)
     if precision != "int8":
         if precision == "int4" and not cpu.int4_fast:
             log.warning("int4 on this CPU (%s) runs ONNX Runtime's fallback 4-bit kernel (it needs %s): "
                         "expect it slower than int8", cpu.summary(), "dot product" if cpu.is_arm64 else "AVX2")
-        return Kernels(precision, None, None, settings.kv_cache)
+        return Kernels(precision, None, None, kv_cache)
     weights = int8_weights_for(settings.int8_weights, cpu)
+    if weights == "s8" and not cpu.exact_u8s8 and kv_cache == "int8":
+        raise ModelFormatError(
+            "an int8 KV cache is calibrated by running the model, and s8 int8 weights compute wrong on this CPU "
+            f"({cpu.int8_kernel}): convert on the machine that will serve it, or with --kv-cache float")
     if weights == "s8" and not cpu.exact_u8s8:
         log.warning("int8 weights s8 were asked for, but this CPU's int8 kernel (%s) saturates with them: the "
                     "graph is for another machine and will be refused here", cpu.int8_kernel)
-    return Kernels("int8", settings.int8_scheme, weights, settings.kv_cache)
+    return Kernels("int8", settings.int8_scheme, weights, kv_cache)
 
 
 def _expected_manifest(files: ModelFiles, kernels: Kernels) -> dict:
@@ -195,9 +209,12 @@ def prepare_model(settings: ModelSettings, *, progress: Progress | None = None,
         files.check_tokenizer()
     cfg = GPT2Config.from_file(files.config)
     cpu = detect()
-    kernels = choose_kernels(settings, cpu)
-    log.info("CPU %s: int8 kernel %s; %s%s", cpu.summary(), cpu.int8_kernel, kernels.variant,
-             " (precision auto)" if settings.precision == "auto" else "")
+    memory = memory_limit_bytes()
+    kernels = choose_kernels(settings, cpu, memory)
+    auto = [name for name in ("precision", "kv_cache") if getattr(settings, name) == "auto"]
+    log.info("CPU %s: int8 kernel %s; memory %s; %s%s", cpu.summary(), cpu.int8_kernel,
+             f"{memory / 2**30:.1f} GB" if memory else "unknown", kernels.variant,
+             f" ({' and '.join(auto)} auto)" if auto else "")
     folder = entry_folder(settings.kolite_home, files.name, files.revision, kernels.variant)
     expected = _expected_manifest(files, kernels)
     entry: CacheEntry | None = lookup(folder, expected)
