@@ -72,6 +72,10 @@ KV_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor
 
 # Prompt tokens per prefill call (see `GPT2Runtime.prefill`); 256 measured fastest of 128/256/whole.
 PREFILL_CHUNK = 256
+# The most attention scratch one layer of a prefill chunk may take: [heads, chunk, slot capacity] float32,
+# 12.6 MB for KoGPT2's 12 heads x 256 x 1024. A model with more heads or a longer window gets shorter chunks,
+# so this scratch does not grow with the slot capacity (onnxruntime sizes it by the cache buffer's length).
+ATTENTION_SCRATCH_BYTES = 12 * 256 * 1024 * 4
 
 
 @dataclass(frozen=True)
@@ -93,6 +97,12 @@ class RuntimeOptions:
         # prompt on KoGPT2, no measurable decode cost).
         so.enable_cpu_mem_arena = False
         return so
+
+
+def prefill_chunk_tokens(heads: int, capacity: int) -> int:
+    """PREFILL_CHUNK, or fewer where one layer's attention scratch ([heads, chunk, capacity] float32)
+    would pass ATTENTION_SCRATCH_BYTES: more heads or a longer slot than KoGPT2's."""
+    return min(PREFILL_CHUNK, max(16, ATTENTION_SCRATCH_BYTES // (4 * heads * capacity)))
 
 
 def check_int8_weights(metadata: dict[str, str], cpu: CpuInfo) -> None:
@@ -143,7 +153,7 @@ class GPT2Runtime:
         """Run a prompt into `slot` (its cache starts empty). Returns logits [1, vocab] for the last
         position, or [seq, vocab] when the graph was built with `all_logits`: `[-1]` is the next token's.
 
-        Long prompts go in chunks of `PREFILL_CHUNK` tokens (see `prefill_chunk`). Why: attention's
+        Long prompts go in chunks of `chunk_tokens` (see `prefill_chunk`). Why: attention's
         scratch is [heads, chunk, capacity] floats, so a whole 900-token prompt needed ~43 MB of it per
         layer, and in chunks the prompt is also faster (the logits are identical; KoGPT2 int8, 900
         tokens: 300 -> 232 ms, peak RSS 396 -> 330 MB).
@@ -151,8 +161,8 @@ class GPT2Runtime:
         n = len(ids)
         if not 0 < n <= self.capacity:
             raise ValueError(f"prompt of {n} tokens does not fit a slot of {self.capacity}")
-        parts = [self.prefill_chunk(slot, ids, start, min(n, start + PREFILL_CHUNK))
-                 for start in range(0, n, PREFILL_CHUNK)]
+        step = self.chunk_tokens
+        parts = [self.prefill_chunk(slot, ids, start, min(n, start + step)) for start in range(0, n, step)]
         return np.concatenate(parts) if self._all_logits else parts[-1]
 
     def prefill_chunk(self, slot: int, ids: Sequence[int], start: int, end: int) -> np.ndarray:
@@ -223,6 +233,11 @@ class GPT2Runtime:
         """
         for buf in self.cache:
             _give_back(buf, slot)
+
+    @property
+    def chunk_tokens(self) -> int:
+        """Prompt tokens per prefill call for this model and slot capacity (`prefill_chunk_tokens`)."""
+        return prefill_chunk_tokens(self.cfg.n_head, self.capacity)
 
     @property
     def kv_bytes_per_token(self) -> int:

@@ -29,7 +29,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from kolite.engine import runtime as _runtime
 from kolite.engine.runtime import GPT2Runtime, release_free_memory
 from kolite.engine.sequence import Finish, Sequence, TokenEvent
 from kolite.errors import ContextTooLong, KVPoolExceeded, Overloaded
@@ -206,10 +205,10 @@ class Scheduler:
         self._remove_rows(leaving)
 
     def _admit(self) -> None:
-        """Prefill waiting prompts, `PREFILL_CHUNK` tokens per step at most; each joins the batch as
+        """Prefill waiting prompts, `runtime.chunk_tokens` per step at most; each joins the batch as
         soon as its whole prompt is in (short prompts: several in one step)."""
         b = self._batch
-        budget = _runtime.PREFILL_CHUNK
+        budget = self.runtime.chunk_tokens
         admitted_long = False
         while budget > 0:
             p = self._prefilling
