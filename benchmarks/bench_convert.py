@@ -4,7 +4,7 @@ Conversion runs once per model, but on a Pi with 1 GB it is the most memory koli
 than serving. This script writes a random checkpoint of KoGPT2's exact shape (vocab 51200, 12 x 768,
 1024 positions; ~500 MB of float32) twice, as `model.safetensors` and as the `pytorch_model.bin` the
 hub's KoGPT2 ships, and converts each to every precision in a fresh subprocess (so no run inherits
-another's memory), the way `kolite pull` does (`kolite.models.convert.prepare_model`). Reported per
+another's memory), the way `kolite pull` does (`kolite.convert.prepare.prepare_model`). Reported per
 run: the process's resident high-water mark (VmHWM; imports included), the resident memory after the
 imports alone, and seconds.
 
@@ -83,7 +83,7 @@ def _child(folder: Path, precision: str, home: Path, int8_weights: str) -> dict[
 
     from kolite.bench import peak_rss_mb, reset_peak_rss
     from kolite.config import ModelSettings
-    from kolite.models import convert
+    from kolite.convert import prepare as convert
 
     scheme = "per-token"
     if precision == "int8-ort-dynamic":

@@ -36,8 +36,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 from kolite.bench import machine_info, write_json
 from kolite.config import default_threads
-from kolite.engine import graph as graph_mod
-from kolite.engine.graph import build_gpt2_graph
+from kolite.convert import graph as graph_mod
+from kolite.convert.graph import build_gpt2_graph
 from kolite.engine.runtime import GPT2Runtime, RuntimeOptions
 from kolite.models.gpt2config import GPT2Config
 from kolite.models.synthetic import KOGPT2_SHAPE, random_state_dict

@@ -29,8 +29,8 @@ sys.path.insert(0, str(HERE))
 import bench_core  # noqa: E402  (the shared random checkpoint and machine description)
 from kolite.bench import write_json  # noqa: E402
 from kolite.config import ModelSettings, default_threads  # noqa: E402
+from kolite.convert.prepare import prepare_model  # noqa: E402
 from kolite.engine.runtime import GPT2Runtime, RuntimeOptions  # noqa: E402
-from kolite.models.convert import prepare_model  # noqa: E402
 
 PROMPTS = (128, 512, 900)
 DECODES = ((1, 100), (1, 900), (8, 228), (8, 900))  # (rows, tokens of context)

@@ -322,7 +322,7 @@ def phase_http(args: argparse.Namespace, pool: int) -> dict[str, Any]:
 
 
 def _graph(args: argparse.Namespace) -> Path:
-    from kolite.models.convert import prepare_model
+    from kolite.convert.prepare import prepare_model
 
     return Path(prepare_model(_settings(args), progress=lambda _m: None).graph)
 

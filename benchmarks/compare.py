@@ -841,32 +841,10 @@ def worker_main(argv: list[str]) -> int:
 # orchestrator (standard library only: the heavy work runs in subprocesses)
 
 
-CONVERTER_SOURCES = ("engine/graph.py", "engine/quantize.py", "models/convert.py", "models/weights.py",
-                     "models/cache.py", "models/gpt2config.py")
-
-
 def _kolite_home(work: Path) -> Path:
-    """kolite's converted-graph cache for this benchmark, keyed by a hash of kolite's converter sources.
-
-    kolite's own cache key is (graph_version, precision, scheme, source weights, versions): a converter
-    change that does not bump `GRAPH_VERSION` leaves an old graph that the new runtime cannot feed (seen
-    while this was written: "Failed to find NodeArg with name: seqlens_k"). So graphs live in a folder
-    per converter hash; older folders are removed.
-    """
-    import hashlib
-
-    root = Path(core.kolite_source()["path"])
-    h = hashlib.sha256()
-    for rel in CONVERTER_SOURCES:
-        with contextlib.suppress(OSError):
-            h.update(rel.encode() + b"\0" + (root / rel).read_bytes() + b"\0")
-    top = work / "compare-kolite-home"
-    home = top / h.hexdigest()[:12]
-    if top.is_dir():
-        for old in top.iterdir():
-            if old != home:
-                shutil.rmtree(old, ignore_errors=True)
-    return home
+    """kolite's converted-graph cache for this benchmark (kolite's cache key includes a digest of its
+    converter's code, so a converter change rebuilds the graphs here too)."""
+    return work / "compare-kolite-home"
 
 
 def _run_worker(kind: str, spec: dict, scratch: Path, name: str) -> dict:

@@ -182,7 +182,7 @@ def tiny_1024_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def ids_only_model(tiny_1024_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> bench.BenchModel:
-    from kolite.models.convert import prepare_model
+    from kolite.convert.prepare import prepare_model
 
     settings = ModelSettings(model=str(tiny_1024_dir), kolite_home=tmp_path_factory.mktemp("home"), threads=1)
     prepared = prepare_model(settings)

@@ -81,7 +81,7 @@ def test_memory_limit_is_the_smaller_of_the_machine_and_its_cgroup(tmp_path: Pat
 
 
 def test_kv_cache_auto_is_int8_on_small_machines() -> None:
-    from kolite.models.convert import choose_kv_cache
+    from kolite.convert.prepare import choose_kv_cache
 
     assert [choose_kv_cache("auto", m) for m in (2**30, 2 * 2**30, 4 * 2**30, None)] == ["int8", "int8", "float",
                                                                                          "float"]

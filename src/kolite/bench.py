@@ -61,10 +61,10 @@ from kolite.models.gpt2config import GPT2Config
 from kolite.models.synthetic import DISTILGPT2_SHAPE, KOGPT2_SHAPE
 
 if TYPE_CHECKING:
+    from kolite.convert.prepare import PreparedModel
     from kolite.engine.runtime import GPT2Runtime
     from kolite.engine.scheduler import Scheduler
     from kolite.engine.sequence import Sequence as GenSequence
-    from kolite.models.convert import PreparedModel
 
 Progress = Callable[[str], None]
 
@@ -468,8 +468,8 @@ def open_model(settings: ModelSettings, *, with_tokenizer: bool) -> BenchModel:
     With a tokenizer this is exactly `load_model` (cache lookup, tokenizer, chat template, session);
     without one, the same minus the tokenizer.
     """
+    from kolite.convert.prepare import prepare_model
     from kolite.engine.runtime import GPT2Runtime, RuntimeOptions
-    from kolite.models.convert import prepare_model
     from kolite.service import load_model
 
     if with_tokenizer:
@@ -654,7 +654,7 @@ def _rounded(xs: Sequence[float], digits: int = 3) -> list[float]:
 def run_bench(settings: ModelSettings, options: BenchOptions | None = None, *, random_weights: str | None = None,
               progress: Progress | None = None) -> dict[str, Any]:
     """Measure everything (see the module docstring for the order) and return the report (JSON-ready)."""
-    from kolite.models.convert import prepare_model
+    from kolite.convert.prepare import prepare_model
 
     opts = options or BenchOptions()
     say = progress or (lambda _msg: None)

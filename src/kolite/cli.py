@@ -104,7 +104,7 @@ def cmd_serve(ns: argparse.Namespace) -> int:
 
 
 def cmd_pull(ns: argparse.Namespace) -> int:
-    from kolite.models.convert import prepare_model
+    from kolite.convert.prepare import prepare_model
 
     if ns.model_name:
         ns.model = ns.model_name

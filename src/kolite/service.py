@@ -18,12 +18,12 @@ from dataclasses import dataclass, replace
 
 from kolite.chat.templates import ChatTemplate, template_for
 from kolite.config import ModelSettings
+from kolite.convert.prepare import PreparedModel, prepare_model
 from kolite.engine.runtime import GPT2Runtime, RuntimeOptions
 from kolite.engine.sampling import SamplingParams
 from kolite.engine.scheduler import Request, Scheduler, SchedulerOptions
 from kolite.engine.sequence import Finish, Sequence, TokenEvent
-from kolite.errors import GenerationFailed, ModelNotReady, RequestTimeout
-from kolite.models.convert import PreparedModel, prepare_model
+from kolite.errors import GenerationFailed, ModelFormatError, ModelNotReady, RequestTimeout
 from kolite.models.profiles import profile_for
 from kolite.tokenizer import Tokenizer
 
@@ -73,6 +73,9 @@ def load_model(settings: ModelSettings, progress: Callable[[str], None] | None =
     # a pool smaller than the context window makes both smaller.
     capacity = min(prepared.config.n_positions, settings.max_kv_tokens)
     runtime = GPT2Runtime(prepared.graph, prepared.config, RuntimeOptions(threads=settings.threads), capacity=capacity)
+    if runtime.io_spec() != prepared.manifest.get("graph_io"):
+        raise ModelFormatError(f"the converted graph {prepared.graph} does not have the inputs and outputs its "
+                               f"manifest records: delete {prepared.graph.parent} and it is converted again")
     return LoadedModel(prepared, tokenizer, runtime, chat_template, time.perf_counter() - started)
 
 

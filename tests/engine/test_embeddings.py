@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from kolite.convert.graph import quantize_columns, token_table_path, write_gpt2_graph
 from kolite.engine.embeddings import TokenTable
-from kolite.engine.graph import quantize_columns, token_table_path, write_gpt2_graph
 from kolite.engine.runtime import GPT2Runtime
 from kolite.errors import ModelFormatError
 from kolite.models.gpt2config import GPT2Config

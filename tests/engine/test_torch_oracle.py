@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from kolite.engine.graph import write_gpt2_graph
+from kolite.convert.graph import write_gpt2_graph
 from kolite.engine.runtime import GPT2Runtime
 from kolite.models.gpt2config import GPT2Config
 from kolite.models.synthetic import write_checkpoint

@@ -13,12 +13,12 @@ import pytest
 from onnx import numpy_helper
 
 from kolite.config import ModelSettings
+from kolite.convert.graph import EXTERNAL_ALIGN, build_gpt2_graph, token_table_path
+from kolite.convert.prepare import prepare_model
 from kolite.engine.cpu import detect
-from kolite.engine.graph import EXTERNAL_ALIGN, build_gpt2_graph, token_table_path
 from kolite.engine.runtime import GPT2Runtime
 from kolite.errors import ModelFormatError
 from kolite.models import weights as weights_mod
-from kolite.models.convert import prepare_model
 from kolite.models.gpt2config import GPT2Config
 from kolite.models.synthetic import config_json, random_state_dict, write_checkpoint
 from kolite.models.weights import GPT2Weights, gpt2_weights, open_checkpoint

@@ -7,7 +7,7 @@ after a few Korean prompts, up to 39 MB for KoGPT2's int8 table (157 MB as float
 server holds only the rows of the step it runs. A step reads at most a prompt chunk's rows (a few
 hundred reads of 768 bytes), which costs well under a millisecond.
 
-The file (written by `kolite.engine.graph`) holds `rows` x `dim` values (int8 or float32), then, for
+The file (written by `kolite.convert.graph`) holds `rows` x `dim` values (int8 or float32), then, for
 int8, one float32 scale per row; the graph's `kolite.token_table` metadata records that layout.
 """
 

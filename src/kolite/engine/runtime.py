@@ -67,7 +67,7 @@ def release_free_memory() -> None:
 _malloc_trim = None
 
 # The cache element types a kolite graph declares: float32 (fp32 graphs), float16 (int8/int4), int8
-# (`--kv-cache int8`, see `kolite.engine.kvquant`).
+# (`--kv-cache int8`, see `kolite.convert.kvcache`).
 KV_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int8)": np.int8}
 
 # Prompt tokens per prefill call (see `GPT2Runtime.prefill`); 256 measured fastest of 128/256/whole.
@@ -147,6 +147,14 @@ class GPT2Runtime:
         self._logits = np.zeros((slots, 1, self.cfg.vocab_size), np.float32)
         self._decode_bindings: dict[int, ort.IOBinding] = {}
         self.slots = slots
+
+    def io_spec(self) -> dict[str, list[list[object]]]:
+        """The session's inputs and outputs ([name, type, shape]): compared with what the cache's manifest
+        recorded when the graph was converted (`kolite.convert.graph.io_spec`)."""
+        def values(items: Sequence[ort.NodeArg]) -> list[list[object]]:
+            return [[v.name, v.type, list(v.shape)] for v in items]
+
+        return {"inputs": values(self.session.get_inputs()), "outputs": values(self.session.get_outputs())}
 
     # --- the two steps -----------------------------------------------------------------------
     def prefill(self, slot: int, ids: Sequence[int]) -> np.ndarray:

@@ -411,6 +411,24 @@ def build_gpt2_graph(
     return model
 
 
+def io_spec(model: onnx.ModelProto) -> dict[str, list[list[object]]]:
+    """The graph's inputs and outputs as onnxruntime reports them ([name, "tensor(float16)", [dims]],
+    a symbolic dim by its name): what the runtime relies on, recorded in the cache's manifest."""
+    def values(items: object) -> list[list[object]]:
+        out = []
+        for v in items:  # type: ignore[attr-defined]
+            t = v.type.tensor_type
+            dims = [d.dim_param if d.HasField("dim_param") else d.dim_value for d in t.shape.dim]
+            out.append([v.name, f"tensor({_ORT_TYPES.get(t.elem_type, 'unknown')})", dims])
+        return out
+
+    return {"inputs": values(model.graph.input), "outputs": values(model.graph.output)}
+
+
+_ORT_TYPES = {TensorProto.FLOAT: "float", TensorProto.FLOAT16: "float16", TensorProto.INT64: "int64",
+              TensorProto.INT32: "int32", TensorProto.INT8: "int8", TensorProto.UINT8: "uint8"}
+
+
 def write_gpt2_graph(cfg: GPT2Config, weights: Mapping[str, np.ndarray], path: Path, **options: object) -> Path:
     """Build the graph (`build_gpt2_graph` with `options`) and save it at `path`, its weights in
     `path.data` and its token table in `path.tokens`, the layout the runtime opens."""

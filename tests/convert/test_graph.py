@@ -9,7 +9,7 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
-from kolite.engine.graph import build_gpt2_graph, input_names, output_names, token_table_path, write_gpt2_graph
+from kolite.convert.graph import build_gpt2_graph, input_names, output_names, token_table_path, write_gpt2_graph
 from kolite.engine.runtime import GPT2Runtime
 from kolite.models.gpt2config import GPT2Config
 from kolite.models.synthetic import random_state_dict
@@ -177,7 +177,7 @@ def test_quantizing_in_blocks_gives_the_bytes_of_one_pass(monkeypatch: pytest.Mo
     contiguous matrices and for the transposed view the lm_head is."""
     from onnxruntime.capi._pybind_state import quantize_matmul_4bits
 
-    from kolite.engine import graph
+    from kolite.convert import graph
 
     rng = np.random.default_rng(2)
     w = (rng.standard_normal(shape, dtype=np.float32) * 0.02).astype(np.float32)
@@ -209,7 +209,7 @@ def test_quantizing_in_blocks_gives_the_bytes_of_one_pass(monkeypatch: pytest.Mo
 
 def test_external_data_writes_a_transposed_view_in_blocks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The lm_head (wte.T, a view) goes to the file a block of rows at a time, page-aligned, never copied whole."""
-    from kolite.engine import graph
+    from kolite.convert import graph
 
     monkeypatch.setattr(graph, "QUANT_BLOCK", 100)
     data = graph.ExternalData(tmp_path / "w.data")

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import onnx
 
+from kolite.convert.graph import set_int8_weights
 from kolite.engine.cpu import Int8Weights, detect
-from kolite.engine.graph import set_int8_weights
 
 
 def _quiet_root(record: logging.LogRecord) -> bool:

@@ -15,15 +15,18 @@ not the default.
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Iterable, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
+from kolite.engine.runtime import GPT2Runtime
+from kolite.models.gpt2config import GPT2Config
+
 if TYPE_CHECKING:
     import onnx
-
-    from kolite.engine.runtime import GPT2Runtime
 
 KV_CACHE_KEY = "kolite.kv_cache"
 MARGIN = 2.0  # headroom: random-weight models met magnitudes 1.4-1.8x the calibrated ones (benchmarks/RESULTS.md)
@@ -43,6 +46,25 @@ and the coffee shop on the corner had already sold out of bagels. "Could you sen
 she asked. Prices rose 3.2% in March; the bank expects them to fall to 2% by the end of next year.
 def main(): print("hello, world")  # code, numbers and symbols too: {"id": 42, "ok": true} <a href="/">home</a>
 """
+
+
+def calibrate_kv_cache(graph: Path, cfg: GPT2Config, tokenizer_json: Path | None) -> None:
+    """Make the float-cache graph at `graph` an int8-cache one, with scales measured by running it on the
+    calibration text (through `tokenizer_json`, when the model has one) and random ids."""
+    import onnx
+
+    text_ids = None
+    if tokenizer_json is not None:
+        from tokenizers import Tokenizer
+
+        text_ids = Tokenizer.from_file(str(tokenizer_json)).encode(CALIBRATION_TEXT).ids
+    runtime = GPT2Runtime(graph, cfg)
+    k_max, v_max = calibrate(runtime, calibration_sequences(cfg.vocab_size, cfg.n_positions, text_ids))
+    del runtime
+    gc.collect()
+    model = onnx.load(str(graph), load_external_data=False)
+    quantize_kv_cache(model, scales_from(k_max), scales_from(v_max))
+    onnx.save_model(model, str(graph))
 
 
 def calibrate(runtime: GPT2Runtime, sequences: Iterable[Sequence[int]]) -> tuple[list[np.ndarray], list[np.ndarray]]:

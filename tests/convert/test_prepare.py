@@ -11,9 +11,9 @@ import pytest
 
 from kolite.cli import main as cli_main
 from kolite.config import ModelSettings
+from kolite.convert import prepare as convert
+from kolite.convert.prepare import prepare_model
 from kolite.engine.cpu import detect
-from kolite.models import convert
-from kolite.models.convert import prepare_model
 from kolite.models.synthetic import write_checkpoint
 from tests.conftest import TINY
 
@@ -126,11 +126,30 @@ def test_weights_live_beside_the_graph_and_a_damaged_entry_is_rebuilt(folder: Pa
     assert prepare_model(settings).converted
 
 
-def test_graph_version_change_is_reconverted(folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_converter_code_change_is_reconverted(folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The cache key holds a digest of the converter's own source: editing one of its modules (here: the
+    graph builder, one byte more) rebuilds the graph, with no version number to bump."""
+    import importlib.util
+    import types
+
     settings = ModelSettings(model=str(folder), kolite_home=tmp_path / "home")
-    prepare_model(settings)
-    monkeypatch.setattr(convert, "GRAPH_VERSION", convert.GRAPH_VERSION + 1)
-    assert prepare_model(settings).converted
+    first = prepare_model(settings)
+    assert not prepare_model(settings).converted
+    real = importlib.util.find_spec("kolite.convert.graph")
+    assert real is not None and real.origin is not None
+    edited = tmp_path / "graph.py"
+    edited.write_bytes(Path(real.origin).read_bytes() + b"\n")
+    find = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: types.SimpleNamespace(origin=str(edited))
+                        if name == "kolite.convert.graph" else find(name, *a))
+    convert.converter_digest.cache_clear()
+    try:
+        again = prepare_model(settings)
+    finally:
+        monkeypatch.undo()
+        convert.converter_digest.cache_clear()
+    assert again.converted and again.manifest["converter"] != first.manifest["converter"]
+    assert len(first.manifest["converter"]) == 16
 
 
 def test_failed_conversion_leaves_nothing(folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -139,7 +158,7 @@ def test_failed_conversion_leaves_nothing(folder: Path, tmp_path: Path, monkeypa
     def boom(*_a: object, **_k: object) -> None:
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr("kolite.engine.graph.build_gpt2_graph", boom)
+    monkeypatch.setattr("kolite.convert.graph.build_gpt2_graph", boom)
     with pytest.raises(RuntimeError, match="disk full"):
         prepare_model(ModelSettings(model=str(folder), kolite_home=home))
     leftovers = [p for p in home.rglob("*") if p.is_file()]

@@ -8,10 +8,10 @@ import numpy as np
 import onnx
 import pytest
 
-from kolite.engine import kvquant
-from kolite.engine.graph import write_gpt2_graph
+from kolite.convert import kvcache
+from kolite.convert.graph import write_gpt2_graph
+from kolite.convert.kvcache import calibrate_kv_cache
 from kolite.engine.runtime import GPT2Runtime
-from kolite.models.convert import calibrate_kv_cache
 from kolite.models.gpt2config import GPT2Config
 from kolite.models.synthetic import random_state_dict
 
@@ -51,7 +51,7 @@ def test_graph_has_int8_cache_and_no_casts_around_attention(graphs: tuple[Path, 
         n.op_type == "Cast" for n in onnx.load(str(half), load_external_data=False).graph.node)
     caches = [v for v in (*model.graph.input, *model.graph.output) if "_key_" in v.name or "_value_" in v.name]
     assert len(caches) == 4 * CFG.n_layer and {v.type.tensor_type.elem_type for v in caches} == {onnx.TensorProto.INT8}
-    assert {p.key: p.value for p in model.metadata_props}[kvquant.KV_CACHE_KEY] == "int8"
+    assert {p.key: p.value for p in model.metadata_props}[kvcache.KV_CACHE_KEY] == "int8"
 
 
 def test_runtime_buffers_are_int8_at_half_the_bytes(graphs: tuple[Path, Path]) -> None:
@@ -94,11 +94,11 @@ def test_prefill_and_decode_agree_with_the_float_cache(graphs: tuple[Path, Path]
 
 
 def test_scales_and_calibration_sequences() -> None:
-    s = kvquant.scales_from([np.array([0.0, 127.0, 63.5], np.float32)], margin=2.0)[0]
+    s = kvcache.scales_from([np.array([0.0, 127.0, 63.5], np.float32)], margin=2.0)[0]
     np.testing.assert_array_equal(s, [1.0, 2.0, 1.0])
-    seqs = kvquant.calibration_sequences(CFG.vocab_size, CFG.n_positions, list(range(200)))
+    seqs = kvcache.calibration_sequences(CFG.vocab_size, CFG.n_positions, list(range(200)))
     assert [len(x) for x in seqs] == [96, 96, 8, 96, 96, 96, 96]
     assert all(0 <= t < CFG.vocab_size for x in seqs for t in x)
-    assert seqs == kvquant.calibration_sequences(CFG.vocab_size, CFG.n_positions, list(range(200)))  # reproducible
+    assert seqs == kvcache.calibration_sequences(CFG.vocab_size, CFG.n_positions, list(range(200)))  # reproducible
     with pytest.raises(ValueError, match="attention nodes"):
-        kvquant.quantize_kv_cache(onnx.ModelProto(), [np.ones(4)], [np.ones(4)])
+        kvcache.quantize_kv_cache(onnx.ModelProto(), [np.ones(4)], [np.ones(4)])

@@ -29,10 +29,10 @@ import numpy as np
 import onnx
 import pytest
 
-from kolite.engine.graph import quantize_columns, write_gpt2_graph
-from kolite.engine.quantize import quantize_int8
+from kolite.convert.graph import quantize_columns, write_gpt2_graph
+from kolite.convert.kvcache import calibrate_kv_cache
+from kolite.convert.quantize import quantize_int8
 from kolite.engine.runtime import GPT2Runtime
-from kolite.models.convert import calibrate_kv_cache
 from kolite.models.gpt2config import GPT2Config
 from kolite.models.synthetic import random_state_dict
 from tests.conftest import fixture_path

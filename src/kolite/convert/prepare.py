@@ -6,7 +6,10 @@ session on the result. Nothing here imports torch.
 
 from __future__ import annotations
 
+import functools
 import gc
+import hashlib
+import importlib.util
 import logging
 import time
 from collections.abc import Callable
@@ -27,9 +30,13 @@ from kolite.models.weights import GPT2Weights, open_checkpoint
 
 log = logging.getLogger(__name__)
 
-# Bump when the graph builder changes what it emits: every cached graph is rebuilt.
-# 3: unfused residual norms, weights in model.onnx.data; 4: fp16 KV for int8/int4; 5: the token table in a file
-GRAPH_VERSION = 5
+# The modules whose code decides what a converted graph holds: reading the checkpoint, building and
+# quantizing the graph, the token table's layout. A change to any of them changes `converter_digest()`,
+# and with it every cache key, so a graph is rebuilt without anyone remembering to bump a number (the
+# hand-bumped GRAPH_VERSION it replaces once left graphs the runtime could not feed).
+CONVERTER_MODULES = ("kolite.convert.graph", "kolite.convert.quantize", "kolite.convert.kvcache",
+                     "kolite.convert.prepare", "kolite.engine.embeddings", "kolite.models.weights",
+                     "kolite.models.gpt2config")
 
 Progress = Callable[[str], None]
 
@@ -99,9 +106,22 @@ def choose_kernels(settings: ModelSettings, cpu: CpuInfo, memory: int | None = N
     return Kernels("int8", settings.int8_scheme, weights, kv_cache)
 
 
+@functools.cache
+def converter_digest() -> str:
+    """sha256 (first 16 hex digits) of the CONVERTER_MODULES' source files, found without importing them
+    (serving a cached graph never imports onnx)."""
+    h = hashlib.sha256()
+    for name in CONVERTER_MODULES:
+        spec = importlib.util.find_spec(name)
+        if spec is None or spec.origin is None:
+            raise ModelFormatError(f"kolite's converter module {name} is missing from this installation")
+        h.update(name.encode() + b"\0" + Path(spec.origin).read_bytes() + b"\0")
+    return h.hexdigest()[:16]
+
+
 def _expected_manifest(files: ModelFiles, kernels: Kernels) -> dict:
     return {
-        "graph_version": GRAPH_VERSION,
+        "converter": converter_digest(),
         "precision": kernels.precision,
         "int8_scheme": kernels.scheme,
         "int8_weights": kernels.int8_weights,
@@ -123,7 +143,7 @@ def build_graph_files(files: ModelFiles, cfg: GPT2Config, precision: str, out_di
     int8 "ort-dynamic" builds fp32 and runs onnxruntime's `quantize_dynamic` (per-channel) over it.
     `int8_weights` is the int8 weight form ("s8" or "u8"; None: the one exact on this CPU).
     `kv_cache="int8"` then calibrates the cache's scales on the finished graph and makes its cache int8
-    (`calibrate_kv_cache`).
+    (`kolite.convert.kvcache.calibrate_kv_cache`).
 
     Streamed, so a Pi can convert KoGPT2: the checkpoint is read one tensor at a time and each weight,
     quantized as it comes, goes straight into the external-data file (`build_gpt2_graph`'s
@@ -133,8 +153,8 @@ def build_graph_files(files: ModelFiles, cfg: GPT2Config, precision: str, out_di
     """
     import onnx
 
-    from kolite.engine.graph import build_gpt2_graph, token_table_path
-    from kolite.engine.quantize import quantize_int8
+    from kolite.convert.graph import build_gpt2_graph, token_table_path
+    from kolite.convert.quantize import quantize_int8
 
     say = progress or (lambda _msg: None)
     ort_dynamic = precision == "int8" and scheme == "ort-dynamic"
@@ -163,32 +183,11 @@ def build_graph_files(files: ModelFiles, cfg: GPT2Config, precision: str, out_di
         graph.unlink()
         _data_file(graph).unlink()
     if kv_cache == "int8":
+        from kolite.convert.kvcache import calibrate_kv_cache
+
         say("calibrating the int8 KV cache")
         calibrate_kv_cache(target, cfg, files.tokenizer)
     return target
-
-
-def calibrate_kv_cache(graph: Path, cfg: GPT2Config, tokenizer_json: Path | None) -> None:
-    """Make the float-cache graph at `graph` an int8-cache one, with scales measured by running it on the
-    calibration text (through `tokenizer_json`, when the model has one) and random ids."""
-    import onnx
-
-    from kolite.engine import kvquant
-    from kolite.engine.runtime import GPT2Runtime
-
-    text_ids = None
-    if tokenizer_json is not None:
-        from tokenizers import Tokenizer
-
-        text_ids = Tokenizer.from_file(str(tokenizer_json)).encode(kvquant.CALIBRATION_TEXT).ids
-    runtime = GPT2Runtime(graph, cfg)
-    k_max, v_max = kvquant.calibrate(runtime, kvquant.calibration_sequences(cfg.vocab_size, cfg.n_positions,
-                                                                            text_ids))
-    del runtime
-    gc.collect()
-    model = onnx.load(str(graph), load_external_data=False)
-    kvquant.quantize_kv_cache(model, kvquant.scales_from(k_max), kvquant.scales_from(v_max))
-    onnx.save_model(model, str(graph))
 
 
 def _data_file(graph: Path) -> Path:
@@ -224,8 +223,16 @@ def prepare_model(settings: ModelSettings, *, progress: Progress | None = None,
 
     started = time.perf_counter()
     manifest = {**expected, "config": cfg.to_dict(), "kolite": __version__}
-    entry = write_entry(folder, manifest, lambda tmp: build_graph_files(
-        files, cfg, kernels.precision, tmp, scheme=kernels.scheme or "per-token", int8_weights=kernels.int8_weights,
-        kv_cache=kernels.kv_cache, progress=say))
+
+    def build(tmp: Path) -> None:
+        import onnx
+
+        from kolite.convert.graph import io_spec
+
+        graph = build_graph_files(files, cfg, kernels.precision, tmp, scheme=kernels.scheme or "per-token",
+                                  int8_weights=kernels.int8_weights, kv_cache=kernels.kv_cache, progress=say)
+        manifest["graph_io"] = io_spec(onnx.load(str(graph), load_external_data=False))
+
+    entry = write_entry(folder, manifest, build)
     say(f"converted {files.name} to {kernels.variant} in {time.perf_counter() - started:.1f}s: {entry.graph}")
     return PreparedModel(files, cfg, kernels.precision, entry.graph, entry.manifest, converted=True)
