@@ -44,6 +44,10 @@ class UnsafeCheckpoint(ModelFormatError):
     """A pickled checkpoint tried to load something other than plain tensors."""
 
 
+class ShuttingDown(ModelNotReady):
+    """The server stopped while the request ran (HTTP 503): the client sees an error, never a normal end."""
+
+
 class Overloaded(KoliteError):
     """The request queue is full (HTTP 429)."""
 

@@ -23,7 +23,7 @@ from kolite.engine.runtime import GPT2Runtime, RuntimeOptions
 from kolite.engine.sampling import SamplingParams
 from kolite.engine.scheduler import Request, Scheduler, SchedulerOptions
 from kolite.engine.sequence import Finish, Sequence, TokenEvent
-from kolite.errors import GenerationFailed, ModelFormatError, ModelNotReady, RequestTimeout
+from kolite.errors import GenerationFailed, ModelFormatError, ModelNotReady, RequestTimeout, ShuttingDown
 from kolite.models.profiles import profile_for
 from kolite.tokenizer import Tokenizer
 
@@ -157,14 +157,6 @@ class ModelService:
             box = self._mailboxes[loop] = _Mailbox(loop)
         return box
 
-    async def generate(self, prompt_ids: list[int], params: SamplingParams) -> Finish:
-        """Generate to the end; returns the Finish with the full text and usage."""
-        stream = self.submit(prompt_ids, params)
-        try:
-            return await stream.result()
-        finally:
-            stream.cancel()
-
 
 class _Mailbox:
     """Hands engine events to an event loop, waking it once per batch of events rather than once
@@ -194,17 +186,20 @@ class _Mailbox:
 class EventStream:
     """A submitted request's events: `TokenEvent`s, then one `Finish` (stop or length).
 
-    Engine failures and timeouts arrive as exceptions. `cancel()` (also called when the consumer
-    stops early) takes the request out of the queue or the batch within one decode step.
+    Engine failures, timeouts and a stop by the server's shutdown arrive as exceptions. `cancel()` (also
+    called when the consumer stops early) takes the request out of the queue or the batch within one
+    decode step.
     """
 
     def __init__(self, request: Request, queue: asyncio.Queue[TokenEvent | Finish], timeout: float | None) -> None:
         self._request = request
         self._queue = queue
         self._timeout = timeout
+        self._cancelled = False
         self.finish: Finish | None = None
 
     def cancel(self) -> None:
+        self._cancelled = True
         self._request.cancel()  # a no-op once it finished
 
     def __aiter__(self) -> EventStream:
@@ -219,6 +214,8 @@ class EventStream:
                 raise GenerationFailed("generation failed in the engine")
             if event.reason == "timeout":
                 raise RequestTimeout(f"the request ran past its time limit of {self._timeout:g}s")
+            if event.reason == "cancelled" and not self._cancelled:  # the engine stopped: shutdown
+                raise ShuttingDown("the server is shutting down: the request was stopped before it finished")
             self.finish = event
         return event
 
