@@ -153,9 +153,10 @@ def _write_gguf_f32(model_dir: Path, out: Path) -> dict[str, Any]:
     import gguf
     import numpy as np
 
+    from kolite.models.gpt2_keys import gpt2_weights
     from kolite.models.gpt2config import GPT2Config
     from kolite.models.profiles import profile_for
-    from kolite.models.weights import gpt2_weights, load_state_dict
+    from kolite.models.weights import load_state_dict
 
     cfg = GPT2Config.from_file(model_dir / "config.json")
     w = gpt2_weights(load_state_dict(model_dir), cfg)
@@ -629,8 +630,9 @@ def _reference_logits(model_dir: Path, ids: list[int]):
     """An independent float64 numpy GPT-2 forward (exact tanh GELU): last position's logits."""
     import numpy as np
 
+    from kolite.models.gpt2_keys import gpt2_weights
     from kolite.models.gpt2config import GPT2Config
-    from kolite.models.weights import gpt2_weights, load_state_dict
+    from kolite.models.weights import load_state_dict
 
     cfg = GPT2Config.from_file(model_dir / "config.json")
     w = gpt2_weights(load_state_dict(model_dir), cfg)

@@ -15,6 +15,7 @@ from huggingface_hub.errors import RepositoryNotFoundError
 
 from kolite.errors import ModelFormatError, ModelNotFound
 from kolite.models import resolve as resolve_mod
+from kolite.models.gpt2_keys import gpt2_weights
 from kolite.models.gpt2config import GPT2Config
 from kolite.models.resolve import (
     CONVERSION_PR_TITLE,
@@ -24,7 +25,7 @@ from kolite.models.resolve import (
     resolve_model,
 )
 from kolite.models.synthetic import random_state_dict, write_checkpoint
-from kolite.models.weights import gpt2_weights, load_state_dict
+from kolite.models.weights import load_state_dict
 
 CFG = GPT2Config(vocab_size=64, n_positions=16, n_embd=16, n_layer=2, n_head=2, eos_token_id=1)
 REPO = "skt/kogpt2-base-v2"

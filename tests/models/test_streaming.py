@@ -18,10 +18,11 @@ from kolite.convert.prepare import prepare_model
 from kolite.engine.cpu import detect
 from kolite.engine.runtime import GPT2Runtime
 from kolite.errors import ModelFormatError
-from kolite.models import weights as weights_mod
+from kolite.models import checkpoint as checkpoint_mod
+from kolite.models.gpt2_keys import GPT2Weights, gpt2_weights
 from kolite.models.gpt2config import GPT2Config
 from kolite.models.synthetic import config_json, random_state_dict, write_checkpoint
-from kolite.models.weights import GPT2Weights, gpt2_weights, open_checkpoint
+from kolite.models.weights import open_checkpoint
 
 # vocab not a multiple of 32 and wide enough that quantization and writing go in several blocks
 CFG = GPT2Config(vocab_size=1001, n_positions=64, n_embd=64, n_layer=2, n_head=4)
@@ -119,8 +120,8 @@ def test_the_graph_holds_only_references_to_aligned_weights(checkpoint: Path, tm
 def test_weights_are_checked_before_any_is_read(checkpoint: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Opening and checking a checkpoint reads only its index; a weight is read when it is asked for."""
     reads: list[int] = []
-    real = weights_mod._read_at
-    monkeypatch.setattr(weights_mod, "_read_at", lambda *a: (reads.append(1), real(*a))[1])
+    real = checkpoint_mod.read_at
+    monkeypatch.setattr(checkpoint_mod, "read_at", lambda *a: (reads.append(1), real(*a))[1])
     with open_checkpoint(checkpoint) as ckpt:
         weights = GPT2Weights(ckpt, CFG)
         assert "transformer.wte.weight" in weights and len(weights) == len(ckpt)

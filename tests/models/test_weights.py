@@ -18,9 +18,11 @@ import numpy as np
 import pytest
 
 from kolite.errors import ModelFormatError, UnsafeCheckpoint
+from kolite.models.gpt2_keys import gpt2_shapes, gpt2_weights
 from kolite.models.gpt2config import GPT2Config
 from kolite.models.synthetic import random_state_dict, write_checkpoint
-from kolite.models.weights import gpt2_shapes, gpt2_weights, load_state_dict, read_torch_bin
+from kolite.models.torch_file import read_torch_bin
+from kolite.models.weights import load_state_dict
 
 CFG = GPT2Config(vocab_size=64, n_positions=16, n_embd=8, n_layer=2, n_head=2)
 

@@ -318,7 +318,7 @@ def build_gpt2_graph(
     default the form that is exact on this CPU. The graph records it in its metadata
     (`kolite.int8_weights`), so a runtime can refuse a graph that would compute wrong on its CPU.
 
-    `weights` is read one key at a time, as each is needed (a `kolite.models.weights.GPT2Weights` reads
+    `weights` is read one key at a time, as each is needed (a `kolite.models.gpt2_keys.GPT2Weights` reads
     each from the checkpoint file then). With `external_data` (a file path), every initializer of
     EXTERNAL_MIN_BYTES or more is written there as soon as it is made, so the returned graph holds only
     references: save it in the same folder, and no more than one weight and its quantized form is ever

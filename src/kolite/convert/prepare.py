@@ -24,9 +24,10 @@ from kolite.config import SMALL_MEMORY_BYTES, ModelSettings, memory_limit_bytes
 from kolite.engine.cpu import CpuInfo, auto_precision, detect, int8_weights_for
 from kolite.errors import ModelFormatError
 from kolite.models.cache import GRAPH, CacheEntry, entry_folder, file_fingerprint, lookup, write_entry
+from kolite.models.gpt2_keys import GPT2Weights
 from kolite.models.gpt2config import GPT2Config
 from kolite.models.resolve import ModelFiles, resolve_model
-from kolite.models.weights import GPT2Weights, open_checkpoint
+from kolite.models.weights import open_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +37,8 @@ log = logging.getLogger(__name__)
 # hand-bumped GRAPH_VERSION it replaces once left graphs the runtime could not feed).
 CONVERTER_MODULES = ("kolite.convert.graph", "kolite.convert.quantize", "kolite.convert.kvcache",
                      "kolite.convert.prepare", "kolite.engine.embeddings", "kolite.models.weights",
+                     "kolite.models.checkpoint", "kolite.models.safetensors_file", "kolite.models.torch_file",
+                     "kolite.models.gpt2_keys",
                      "kolite.models.gpt2config")
 
 Progress = Callable[[str], None]

@@ -70,15 +70,28 @@ def lookup(folder: Path, expected: dict) -> CacheEntry | None:
 
 def write_entry(folder: Path, manifest: dict, build: Callable[[Path], None]) -> CacheEntry:
     """Run `build(tmpdir)` (it must write `model.onnx` there), add the manifest, then publish by rename."""
+    written: dict = {}
+
+    def build_with_manifest(tmp: Path) -> None:
+        build(tmp)
+        if not (tmp / GRAPH).is_file():
+            raise RuntimeError("conversion produced no graph")
+        written.update(manifest, files={p.name: p.stat().st_size for p in sorted(tmp.iterdir()) if p.is_file()})
+        (tmp / MANIFEST).write_text(json.dumps(written, indent=2, sort_keys=True), encoding="utf-8")
+
+    publish_folder(folder, build_with_manifest)
+    return CacheEntry(folder, written)
+
+
+def publish_folder(folder: Path, build: Callable[[Path], None]) -> None:
+    """Run `build(tmpdir)` in a temporary sibling of `folder`, then rename it to `folder`: a reader sees the
+    old folder or the whole new one, and an interrupted build is never taken for a result. An existing
+    `folder` is moved aside first, then dropped."""
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
     try:
         build(tmp)
-        if not (tmp / GRAPH).is_file():
-            raise RuntimeError("conversion produced no graph")
-        manifest = {**manifest, "files": {p.name: p.stat().st_size for p in sorted(tmp.iterdir()) if p.is_file()}}
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True), encoding="utf-8")
-        if folder.exists():  # stale entry: move it aside first, then drop it
+        if folder.exists():  # stale: move it aside first, then drop it
             stale = folder.with_name(f".{folder.name}.stale-{os.getpid()}")
             os.replace(folder, stale)
             shutil.rmtree(stale, ignore_errors=True)
@@ -86,4 +99,3 @@ def write_entry(folder: Path, manifest: dict, build: Callable[[Path], None]) -> 
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
-    return CacheEntry(folder, manifest)

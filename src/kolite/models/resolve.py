@@ -16,12 +16,10 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from kolite.errors import ModelFormatError, ModelNotFound
+from kolite.models.checkpoint import SAFETENSORS_NAME, SHARDED_MESSAGE, TORCH_BIN_NAME, WEIGHT_FILES, weights_in_folder
 
 log = logging.getLogger(__name__)
 
-SAFETENSORS = "model.safetensors"
-TORCH_BIN = "pytorch_model.bin"
-WEIGHT_FILES = (SAFETENSORS, TORCH_BIN)
 SUPPORT_FILES = (
     "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
     "special_tokens_map.json", "vocab.json", "merges.txt", "chat_template.jinja",
@@ -104,16 +102,16 @@ def choose_weights(
     converted from the same weights the branch holds now.
     """
     files = set(repo_files)
-    if SAFETENSORS in files:
-        return WeightsChoice(SAFETENSORS)
-    if TORCH_BIN in files:
+    if SAFETENSORS_NAME in files:
+        return WeightsChoice(SAFETENSORS_NAME)
+    if TORCH_BIN_NAME in files:
         for d in discussions:
             if is_conversion_pr(d) and pr_matches(d.num):
-                return WeightsChoice(SAFETENSORS, f"refs/pr/{d.num}")
-        return WeightsChoice(TORCH_BIN)
+                return WeightsChoice(SAFETENSORS_NAME, f"refs/pr/{d.num}")
+        return WeightsChoice(TORCH_BIN_NAME)
     if any(f.endswith(".index.json") for f in files):
-        raise ModelFormatError("sharded checkpoints are not supported (GPT-2 models fit in one file)")
-    raise ModelFormatError(f"the repo has neither {SAFETENSORS} nor {TORCH_BIN} (PyTorch weights)")
+        raise ModelFormatError(SHARDED_MESSAGE)
+    raise ModelFormatError(f"the repo has neither {SAFETENSORS_NAME} nor {TORCH_BIN_NAME} (PyTorch weights)")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -155,11 +153,9 @@ def _looks_like_path(name: str) -> bool:
 
 
 def _local_files(folder: Path) -> ModelFiles:
-    weights = next((folder / w for w in WEIGHT_FILES if (folder / w).is_file()), None)
     if not (folder / "config.json").is_file():
         raise ModelFormatError(f"{folder} has no config.json; it is not a transformers model folder")
-    if weights is None:
-        raise ModelFormatError(f"{folder} has neither {SAFETENSORS} nor {TORCH_BIN}")
+    weights = weights_in_folder(folder)
     # The absolute path names a folder model: "./m" and "/home/me/m" share one converted-graph cache entry.
     return _model_files(str(folder.resolve()), folder, weights, revision="local", repo_id=None)
 
@@ -216,7 +212,7 @@ def _cached_weights(repo_id: str, snapshot: Path, cache_dir: Path | None) -> Pat
     from huggingface_hub import try_to_load_from_cache
 
     for num in _cached_pr_numbers(repo_id, cache_dir):
-        found = try_to_load_from_cache(repo_id, SAFETENSORS, cache_dir=cache_dir, revision=f"refs/pr/{num}")
+        found = try_to_load_from_cache(repo_id, SAFETENSORS_NAME, cache_dir=cache_dir, revision=f"refs/pr/{num}")
         if isinstance(found, str):
             return Path(found)
     return None
@@ -286,7 +282,7 @@ def _download(
         raise ModelFormatError(f"{repo_id} has no config.json; it is not a transformers model repo")
     choice = choose_weights(
         blobs, _conversion_prs(api, repo_id),
-        pr_matches=lambda num: _pr_has_same_weights(api, repo_id, num, blobs.get(TORCH_BIN)),
+        pr_matches=lambda num: _pr_has_same_weights(api, repo_id, num, blobs.get(TORCH_BIN_NAME)),
     )
     tqdm_class = None if progress else _silent_tqdm()
     weights_pattern = [choice.filename] if choice.revision is None else []
@@ -297,9 +293,9 @@ def _download(
     if choice.revision is None:
         weights = snapshot / choice.filename
     else:
-        log.info("%s: using %s from the safetensors conversion PR %s", repo_id, SAFETENSORS, choice.revision)
+        log.info("%s: using %s from the safetensors conversion PR %s", repo_id, SAFETENSORS_NAME, choice.revision)
         weights = Path(hf_hub_download(
-            repo_id, SAFETENSORS, revision=choice.revision, cache_dir=cache_dir, tqdm_class=tqdm_class,
+            repo_id, SAFETENSORS_NAME, revision=choice.revision, cache_dir=cache_dir, tqdm_class=tqdm_class,
         ))
     return _model_files(repo_id, snapshot, weights, revision=snapshot.name, repo_id=repo_id)
 
@@ -329,7 +325,7 @@ def _conversion_prs(api: Any, repo_id: str) -> Iterator[Any]:
     try:
         yield from api.get_repo_discussions(repo_id, discussion_type="pull_request", discussion_status="open")
     except HfHubHTTPError as exc:
-        log.info("%s: cannot list pull requests (%s); using %s", repo_id, exc, TORCH_BIN)
+        log.info("%s: cannot list pull requests (%s); using %s", repo_id, exc, TORCH_BIN_NAME)
 
 
 def _pr_has_same_weights(api: Any, repo_id: str, num: int, branch_bin: str | None) -> bool:
@@ -347,7 +343,7 @@ def _pr_has_same_weights(api: Any, repo_id: str, num: int, branch_bin: str | Non
     except (HfHubHTTPError, ModelNotFound) as exc:
         log.info("%s: cannot inspect PR %d (%s)", repo_id, num, exc)
         return False
-    return SAFETENSORS in pr and pr.get(TORCH_BIN) == branch_bin
+    return SAFETENSORS_NAME in pr and pr.get(TORCH_BIN_NAME) == branch_bin
 
 
 def _silent_tqdm() -> type:

@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
+from kolite.models.cache import publish_folder
 from kolite.models.gpt2config import GPT2Config
 
 KOGPT2_SHAPE = GPT2Config(
@@ -104,14 +103,10 @@ def ensure_checkpoint(folder: Path, cfg: GPT2Config, *, seed: int, stamp: dict,
         current = json.loads((folder / STAMP).read_text(encoding="utf-8"))
         if current == stamp and (folder / "model.safetensors").is_file():
             return False
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
-    try:
+
+    def build(tmp: Path) -> None:
         write_checkpoint(tmp, cfg, seed=seed, tokenizer_json=tokenizer_json)
         (tmp / STAMP).write_text(json.dumps(stamp, indent=2), encoding="utf-8")
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(tmp, folder)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+
+    publish_folder(folder, build)
     return True
