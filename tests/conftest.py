@@ -15,6 +15,7 @@ from kolite.config import ModelSettings
 from kolite.models.gpt2config import GPT2Config
 from kolite.models.profiles import profile_for
 from kolite.models.synthetic import write_checkpoint
+from kolite.models.tokenizer_config import read_tokenizer_config
 from kolite.service import LoadedModel, load_model
 from kolite.tokenizer import Tokenizer
 
@@ -73,7 +74,7 @@ def ko() -> Tokenizer:
 def gpt2() -> Tokenizer:
     """GPT-2's real tokenizer with its profile (skips without the fixtures)."""
     folder = fixture_path("gpt2-tokenizer")
-    profile = profile_for("gpt2", folder / "tokenizer.json", folder / "tokenizer_config.json")
+    profile = profile_for("gpt2", folder / "tokenizer.json", read_tokenizer_config(folder / "tokenizer_config.json"))
     return Tokenizer.from_files(folder / "tokenizer.json", profile)
 
 

@@ -25,6 +25,7 @@ from kolite.engine.scheduler import Request, Scheduler, SchedulerOptions
 from kolite.engine.sequence import Finish, Sequence, TokenEvent
 from kolite.errors import GenerationFailed, ModelFormatError, ModelNotReady, RequestTimeout, ShuttingDown
 from kolite.models.profiles import profile_for
+from kolite.models.tokenizer_config import read_chat_template, read_tokenizer_config
 from kolite.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -65,10 +66,11 @@ def load_model(settings: ModelSettings, progress: Callable[[str], None] | None =
     started = time.perf_counter()
     prepared = prepare_model(settings, progress=progress, need_tokenizer=True)
     files = prepared.files
-    profile = profile_for(files.repo_id or files.name, files.tokenizer or files.vocab, files.tokenizer_config)
+    config = read_tokenizer_config(files.tokenizer_config)  # parsed once, for the profile and the template
+    profile = profile_for(files.repo_id or files.name, files.tokenizer or files.vocab, config)
     tokenizer = Tokenizer.from_files(files.tokenizer, profile, vocab=files.vocab, merges=files.merges)
-    chat_template = template_for(tokenizer, files.tokenizer_config,
-                                 chat_template_file=files.root / "chat_template.jinja")
+    chat_template = template_for(tokenizer, read_chat_template(files.tokenizer_config, files.chat_template,
+                                                               config=config))
     # A slot never holds more than the pool, and attention's prefill scratch is [heads, chunk, capacity]:
     # a pool smaller than the context window makes both smaller.
     capacity = min(prepared.config.n_positions, settings.max_kv_tokens)

@@ -275,3 +275,21 @@ async def test_full_kv_pool_waits_and_a_full_queue_is_429(tiny_loaded: LoadedMod
             done = await asyncio.gather(first, second)
     assert [d.status_code for d in done] == [200, 200]
     assert [d.json()["usage"]["completion_tokens"] for d in done] == [30, 30]
+
+
+async def test_chat_content_parts_follow_the_chat_rule(client: httpx.AsyncClient, tiny_model_dir: Path) -> None:
+    """Over HTTP, text parts are joined as `kolite.chat.validate_messages` joins them (with a newline),
+    and a part the model cannot read is a 400 naming `messages`."""
+    async def answer(content: object) -> httpx.Response:
+        return await client.post("/v1/chat/completions", json={
+            "model": str(tiny_model_dir), "temperature": 0, "max_tokens": 6,
+            "messages": [{"role": "user", "content": content}]})
+
+    parts = await answer([{"type": "text", "text": "안녕"}, {"type": "text", "text": "하세요"}])
+    joined = await answer("안녕\n하세요")
+    assert parts.status_code == joined.status_code == 200
+    assert parts.json()["usage"] == joined.json()["usage"]
+    assert parts.json()["choices"][0]["message"] == joined.json()["choices"][0]["message"]
+    image = await answer([{"type": "image_url", "image_url": {"url": "http://x/y.png"}}])
+    assert image.status_code == 400 and _error(image)["param"] == "messages"
+    assert "only text parts" in _error(image)["message"]

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from kolite.models.profiles import profile_for
+from kolite.models.tokenizer_config import read_tokenizer_config
 from kolite.tokenizer import Tokenizer
 from tests.conftest import CORPUS, build_tiny_tokenizer, fixture_path
 
@@ -62,4 +63,5 @@ def build_chatml_model(folder: Path, config: dict | None = None, *, template: st
 
 def load_folder(config: Path) -> Tokenizer:
     folder = config.parent
-    return Tokenizer.from_files(folder / "tokenizer.json", profile_for("chatml", folder / "tokenizer.json", config))
+    profile = profile_for("chatml", folder / "tokenizer.json", read_tokenizer_config(config))
+    return Tokenizer.from_files(folder / "tokenizer.json", profile)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from kolite.chat import ChatMessage, PlainTextTemplate, build_chat_prompt, template_for
+from kolite.models.tokenizer_config import read_chat_template
 from kolite.tokenizer import Tokenizer
 
 U, A, S = "user", "assistant", "system"
@@ -11,7 +12,7 @@ EOT = 50256
 
 def test_template_for_gpt2_is_plain(gpt2: Tokenizer) -> None:
     folder_config = None  # the fixture's tokenizer_config.json has no chat_template either
-    assert isinstance(template_for(gpt2, folder_config), PlainTextTemplate)
+    assert isinstance(template_for(gpt2, read_chat_template(folder_config)), PlainTextTemplate)
 
 
 def test_transcript_ids_equal_encoding_the_whole_text(gpt2: Tokenizer) -> None:

@@ -12,6 +12,7 @@ from tokenizers import models, pre_tokenizers
 
 from kolite.errors import ModelFormatError
 from kolite.models.profiles import GPT2_PROFILE, KOGPT2_PROFILE, ModelProfile, profile_for
+from kolite.models.tokenizer_config import read_tokenizer_config
 from kolite.tokenizer import Tokenizer
 from tests.conftest import fixture_path
 
@@ -73,7 +74,7 @@ def test_kogpt2_fine_tune_with_its_own_eos_stops_on_both(tmp_path: Path) -> None
     specials = ["<s>", "</s>", "<usr>", "<pad>", "<sys>", "<unk>", "<mask>"]
     path = write_tokenizer(tmp_path / "tokenizer.json", ["안녕", "<|endoftext|>"], specials)
     config = write_json(tmp_path / "tokenizer_config.json", {"eos_token": "<|endoftext|>"})
-    profile = profile_for("someone/kogpt2-chat", path, config)
+    profile = profile_for("someone/kogpt2-chat", path, read_tokenizer_config(config))
     assert profile.name == "kogpt2"
     assert profile.eos_token == "</s>"
     assert profile.stop_tokens == ("</s>", "<usr>", "<|endoftext|>")
@@ -92,7 +93,7 @@ def test_kogpt2_name_with_a_foreign_vocab_is_refused(tmp_path: Path) -> None:
 def test_gpt2_from_tokenizer_json_and_config() -> None:
     folder = fixture_path("gpt2-tokenizer")
     config = folder / "tokenizer_config.json"
-    profile = profile_for("openai-community/gpt2", folder / "tokenizer.json", config)
+    profile = profile_for("openai-community/gpt2", folder / "tokenizer.json", read_tokenizer_config(config))
     assert profile == GPT2_PROFILE
     assert profile.bos_token == profile.eos_token == profile.pad_token == "<|endoftext|>"
     assert profile.unk_token is None
@@ -107,7 +108,7 @@ def test_gpt2_from_vocab_json_only() -> None:
 def test_explicit_config_eos_beats_the_gpt2_guess(tmp_path: Path) -> None:
     path = write_tokenizer(tmp_path / "tokenizer.json", ["hello"], ["<|endoftext|>", "</s>"])
     config = write_json(tmp_path / "tokenizer_config.json", {"eos_token": "</s>"})
-    profile = profile_for("someone/gpt2-ko", path, config)
+    profile = profile_for("someone/gpt2-ko", path, read_tokenizer_config(config))
     assert profile.name == "generic"
     assert profile.eos_token == "</s>"
 
@@ -124,7 +125,7 @@ def test_generic_from_config_strings_and_dicts(tmp_path: Path) -> None:
         "pad_token": "[PAD]",
         "unk_token": None,
     })
-    profile = profile_for("someone/model", path, config)
+    profile = profile_for("someone/model", path, read_tokenizer_config(config))
     assert (profile.name, profile.bos_token, profile.eos_token, profile.pad_token) == (
         "generic", "<bos>", "<eos>", "[PAD]",
     )
@@ -138,7 +139,7 @@ def test_generic_from_config_strings_and_dicts(tmp_path: Path) -> None:
 def test_generic_without_bos_uses_eos_and_pad_falls_back_to_eos(tmp_path: Path) -> None:
     path = write_tokenizer(tmp_path / "tokenizer.json", ["hi"], ["<end>"])
     config = write_json(tmp_path / "tokenizer_config.json", {"eos_token": "<end>", "pad_token": "<nope>"})
-    profile = profile_for("x", path, config)
+    profile = profile_for("x", path, read_tokenizer_config(config))
     assert profile.bos_token == "<end>"
     tok = Tokenizer.from_files(path, profile)
     assert tok.pad_id == tok.eos_id == 0
@@ -149,14 +150,14 @@ def test_no_eos_anywhere_is_a_format_error(tmp_path: Path, config: dict | None) 
     path = write_tokenizer(tmp_path / "tokenizer.json", ["hi"], ["<x>"])
     cfg = write_json(tmp_path / "tokenizer_config.json", config) if config is not None else None
     with pytest.raises(ModelFormatError, match="eos"):
-        profile_for("x", path, cfg)
+        profile_for("x", path, read_tokenizer_config(cfg))
 
 
 def test_config_eos_missing_from_vocab_is_a_format_error(tmp_path: Path) -> None:
     path = write_tokenizer(tmp_path / "tokenizer.json", ["hi"], ["<x>"])
     config = write_json(tmp_path / "tokenizer_config.json", {"eos_token": "</s>"})
     with pytest.raises(ModelFormatError, match="not in the vocab"):
-        profile_for("x", path, config)
+        profile_for("x", path, read_tokenizer_config(config))
 
 
 def test_unreadable_tokenizer_file_is_a_format_error(tmp_path: Path) -> None:

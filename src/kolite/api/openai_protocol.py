@@ -89,25 +89,15 @@ class CompletionRequest(SamplingFields):
 
 
 class ChatMessageIn(BaseModel):
+    """A message as sent; its role and content are checked and its text parts joined by
+    `kolite.chat.validate_messages`, the one rule for every way a conversation comes in."""
+
     model_config = ConfigDict(extra="ignore")
 
     role: str
     content: str | list[dict] | None = None
     name: str | None = None
 
-    def text(self) -> str:
-        """Plain text of the message; list content may hold only text parts."""
-        if self.content is None:
-            return ""
-        if isinstance(self.content, str):
-            return self.content
-        parts = []
-        for part in self.content:
-            if part.get("type") != "text":
-                raise InvalidRequest(f"content parts of type {part.get('type')!r} are not supported (text only)",
-                                     param="messages")
-            parts.append(str(part.get("text", "")))
-        return "".join(parts)
 
 
 class ChatCompletionRequest(SamplingFields):

@@ -109,7 +109,7 @@ class OpenAIServing:
         self.check_model(req.model)
         req.check_supported()
         model = self.service.ready_model()
-        messages = [{"role": m.role, "content": m.text()} for m in req.messages]
+        messages = [{"role": m.role, "content": m.content} for m in req.messages]
         limit = req.new_token_limit
         reserve = limit if limit is not None else min(CHAT_ANSWER_RESERVE, model.n_positions // 4)
         prompt = build_chat_prompt(messages, model.chat_template, model.tokenizer, model.n_positions - reserve)

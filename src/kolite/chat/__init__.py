@@ -8,7 +8,6 @@ from kolite.chat.templates import (
     KoGPT2Template,
     PlainTextTemplate,
     TurnTemplate,
-    read_chat_template,
     template_for,
 )
 
@@ -21,7 +20,6 @@ __all__ = [
     "PlainTextTemplate",
     "TurnTemplate",
     "build_chat_prompt",
-    "read_chat_template",
     "template_for",
     "validate_messages",
 ]

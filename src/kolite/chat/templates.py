@@ -28,11 +28,9 @@ history by summing lengths; a jinja template is re-rendered with fewer turns ins
 
 from __future__ import annotations
 
-import json
 import re
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any, ClassVar
 
 from kolite.chat.messages import ChatMessage
@@ -40,7 +38,6 @@ from kolite.chat.sanitize import TextEncoder
 from kolite.errors import InvalidRequest, ModelFormatError
 from kolite.tokenizer import Tokenizer
 
-CHAT_TEMPLATE_FILE = "chat_template.jinja"  # transformers 4.50+: wins over tokenizer_config.json's entry
 SYSTEM_SEPARATOR = "\n"
 
 
@@ -288,53 +285,13 @@ class JinjaTemplate(ChatTemplate):
 # ---- choice ------------------------------------------------------------------------------------------
 
 
-def read_chat_template(tokenizer_config: Path | None, chat_template_file: Path | None = None) -> str | None:
-    """The model's Jinja chat template, if any: `chat_template.jinja` (next to tokenizer_config.json or
-    given) wins over tokenizer_config.json's `chat_template` (a string, or [{name, template}] -> "default")."""
-    candidates = [chat_template_file] if chat_template_file is not None else []
-    if tokenizer_config is not None:
-        candidates.append(Path(tokenizer_config).parent / CHAT_TEMPLATE_FILE)
-    for path in candidates:
-        if path is not None and Path(path).is_file():
-            try:
-                text = Path(path).read_text(encoding="utf-8")
-            except (OSError, UnicodeDecodeError) as exc:
-                raise ModelFormatError(f"cannot read {path}: {exc}") from exc
-            return text if text.strip() else None
-    if tokenizer_config is None or not Path(tokenizer_config).is_file():
-        return None
-    try:
-        config = json.loads(Path(tokenizer_config).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ModelFormatError(f"cannot read {tokenizer_config}: {exc}") from exc
-    value = config.get("chat_template") if isinstance(config, dict) else None
-    if value is None or (isinstance(value, str) and not value.strip()):
-        return None
-    if isinstance(value, str):
-        return value
-    if isinstance(value, list):
-        named = {
-            t.get("name"): t["template"]
-            for t in value
-            if isinstance(t, dict) and isinstance(t.get("template"), str)
-        }
-        if "default" in named:
-            return named["default"]
-        raise ModelFormatError(
-            f"{tokenizer_config}: chat_template lists {sorted(map(str, named))} but no 'default' template"
-        )
-    raise ModelFormatError(f"{tokenizer_config}: chat_template must be a string or a list of {{name, template}}")
+def template_for(tokenizer: Tokenizer, source: str | None) -> ChatTemplate:
+    """The model's own Jinja template (`source`, from `kolite.models.tokenizer_config.read_chat_template`)
+    if it has one, else KoGPT2's format for the kogpt2 profile, else plain text.
 
-
-def template_for(
-    tokenizer: Tokenizer, tokenizer_config: Path | None, *, chat_template_file: Path | None = None
-) -> ChatTemplate:
-    """The model's own Jinja template if it has one, else KoGPT2's format for the kogpt2 profile, else plain text.
-
-    Raises ModelFormatError for an unreadable or uncompilable template (a wrong format would only give
-    garbage answers); build it once per loaded model, it is immutable and thread-safe.
+    Raises ModelFormatError for an uncompilable template (a wrong format would only give garbage
+    answers); build it once per loaded model, it is immutable and thread-safe.
     """
-    source = read_chat_template(tokenizer_config, chat_template_file)
     if source is not None:
         return JinjaTemplate(tokenizer, source)
     if tokenizer.profile.name == "kogpt2":

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -153,22 +154,18 @@ def _has_kogpt2_signature(vocab: dict[str, int]) -> bool:
 
 
 def profile_for(
-    repo_or_name: str, tokenizer_json: Path, tokenizer_config: Path | None = None
+    repo_or_name: str, tokenizer_json: Path, config: Mapping[str, Any] | None = None
 ) -> ModelProfile:
     """Pick the profile: KoGPT2 (by name or vocab layout), GPT-2 (`<|endoftext|>`), else the config.
 
-    `tokenizer_json` may also be a `vocab.json` for repos without a tokenizer.json.
+    `tokenizer_json` may also be a `vocab.json` for repos without a tokenizer.json; `config` is the model's
+    parsed tokenizer_config.json (`kolite.models.tokenizer_config.read_tokenizer_config`), if it has one.
     An explicit eos in tokenizer_config.json wins over the GPT-2 guess (fine-tunes that changed
     eos); for KoGPT2 layouts such an eos is added as an extra stop token instead.
     """
     info = read_vocab(tokenizer_json)
     vocab = info.vocab
-    config: dict = {}
-    if tokenizer_config is not None and Path(tokenizer_config).exists():
-        loaded = _read_json(tokenizer_config)
-        if not isinstance(loaded, dict):
-            raise ModelFormatError(f"{tokenizer_config} is not a JSON object")
-        config = loaded
+    config = config or {}
     config_eos = _config_token(config, "eos_token")
 
     if _is_kogpt2_name(repo_or_name) or _has_kogpt2_signature(vocab):
@@ -190,7 +187,7 @@ def profile_for(
         return GPT2_PROFILE
 
     if not config_eos:
-        where = tokenizer_config if tokenizer_config is not None else "no tokenizer_config.json"
+        where = "its tokenizer_config.json has none" if config else "no tokenizer_config.json"
         raise ModelFormatError(f"{repo_or_name}: cannot find an eos token ({where})")
     named = {key: _config_token(config, f"{key}_token") for key in ("bos", "unk", "pad", "mask")}
     for key, token in (("eos", config_eos), ("bos", named["bos"])):

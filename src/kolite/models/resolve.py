@@ -17,12 +17,13 @@ from typing import Any, Protocol
 
 from kolite.errors import ModelFormatError, ModelNotFound
 from kolite.models.checkpoint import SAFETENSORS_NAME, SHARDED_MESSAGE, TORCH_BIN_NAME, WEIGHT_FILES, weights_in_folder
+from kolite.models.tokenizer_config import CHAT_TEMPLATE_FILE, TOKENIZER_CONFIG_FILE
 
 log = logging.getLogger(__name__)
 
 SUPPORT_FILES = (
-    "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-    "special_tokens_map.json", "vocab.json", "merges.txt", "chat_template.jinja",
+    "config.json", "generation_config.json", "tokenizer.json", TOKENIZER_CONFIG_FILE,
+    "special_tokens_map.json", "vocab.json", "merges.txt", CHAT_TEMPLATE_FILE,
 )
 # What transformers' safetensors_conversion.py looks for; the bot's hub account is spelled "SFconvertbot"
 # (transformers compares "SFConvertBot"), so the author is compared case-insensitively.
@@ -43,6 +44,7 @@ class ModelFiles:
     vocab: Path | None
     merges: Path | None
     tokenizer_config: Path | None
+    chat_template: Path | None  # chat_template.jinja
     revision: str  # "local" for folders, else the snapshot's commit hash
     repo_id: str | None
 
@@ -167,7 +169,8 @@ def _model_files(name: str, root: Path, weights: Path, *, revision: str, repo_id
     return ModelFiles(
         name=name, root=root, config=root / "config.json", weights=weights,
         tokenizer=opt("tokenizer.json"), vocab=opt("vocab.json"), merges=opt("merges.txt"),
-        tokenizer_config=opt("tokenizer_config.json"), revision=revision, repo_id=repo_id,
+        tokenizer_config=opt(TOKENIZER_CONFIG_FILE), chat_template=opt(CHAT_TEMPLATE_FILE), revision=revision,
+        repo_id=repo_id,
     )
 
 
