@@ -22,8 +22,9 @@ async def test_a_request_stopped_by_shutdown_ends_in_an_error(tiny_loaded: Loade
     svc.start_loading()
     svc.wait_loaded(10)
     params = SamplingParams(max_new_tokens=100, ignore_eos=True, do_sample=False)
-    mine = svc.submit(svc.encode("안녕"), params)
-    stopped = svc.submit(svc.encode("안녕"), params)
+    model = svc.ready_model()
+    ids = model.tokenizer.encode("안녕")
+    mine, stopped = svc.submit(model, ids, params), svc.submit(model, ids, params)
     assert isinstance(await anext(stopped), TokenEvent)  # running
     mine.cancel()
     await asyncio.to_thread(svc.shutdown)

@@ -139,19 +139,17 @@ class ModelService:
             raise ModelNotReady(f"model {self.model_name} failed to load: {self.error}")
         raise ModelNotReady(f"model {self.model_name} is still loading; retry shortly")
 
-    def encode(self, text: str) -> list[int]:
-        return self.ready_model().tokenizer.encode(text)
-
-    def submit(self, prompt_ids: list[int], params: SamplingParams) -> EventStream:
-        """Queue a request now (so 400/429/503 are raised before any response starts) and return
-        its events. Call from the event loop's thread."""
-        model = self.ready_model()
-        assert self.scheduler is not None
+    def submit(self, model: LoadedModel, prompt_ids: list[int], params: SamplingParams, *,
+               on_finish: Callable[[Finish], None] | None = None) -> EventStream:
+        """Queue a request for `model` (what `ready_model()` returned: readiness is checked there, once) now,
+        so 400/429/503 are raised before any response starts, and return its events. `on_finish` sees
+        the final event (the API logs prompts with it). Call from the event loop's thread."""
+        assert self.scheduler is not None and model is self.model
         seq = model.new_sequence(prompt_ids, params)  # the context window; submit checks the KV pool
         mailbox = self._mailbox(asyncio.get_running_loop())
         queue: asyncio.Queue[TokenEvent | Finish] = asyncio.Queue()
         request = self.scheduler.submit(seq, lambda ev: mailbox.post(queue, ev))
-        return EventStream(request, queue, self._scheduler_options.timeout)
+        return EventStream(request, queue, self._scheduler_options.timeout, on_finish)
 
     def _mailbox(self, loop: asyncio.AbstractEventLoop) -> _Mailbox:
         box = self._mailboxes.get(loop)
@@ -193,10 +191,12 @@ class EventStream:
     decode step.
     """
 
-    def __init__(self, request: Request, queue: asyncio.Queue[TokenEvent | Finish], timeout: float | None) -> None:
+    def __init__(self, request: Request, queue: asyncio.Queue[TokenEvent | Finish], timeout: float | None,
+                 on_finish: Callable[[Finish], None] | None = None) -> None:
         self._request = request
         self._queue = queue
         self._timeout = timeout
+        self._on_finish = on_finish
         self._cancelled = False
         self.finish: Finish | None = None
 
@@ -219,6 +219,8 @@ class EventStream:
             if event.reason == "cancelled" and not self._cancelled:  # the engine stopped: shutdown
                 raise ShuttingDown("the server is shutting down: the request was stopped before it finished")
             self.finish = event
+            if self._on_finish is not None:
+                self._on_finish(event)
         return event
 
     async def result(self) -> Finish:

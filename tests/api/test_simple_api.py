@@ -213,7 +213,8 @@ async def test_ignore_eos_is_passed_to_the_engine(client: httpx.AsyncClient, rea
     """`ignore_eos` (as llama.cpp's server has it) reaches the sampling parameters; off by default."""
     seen = []
     real = ready_service.submit
-    monkeypatch.setattr(ready_service, "submit", lambda ids, params: (seen.append(params), real(ids, params))[1])
+    monkeypatch.setattr(ready_service, "submit",
+                        lambda model, ids, params, **kw: (seen.append(params), real(model, ids, params, **kw))[1])
     for body in ({"prompt": "안녕", "max_new_tokens": 3}, {"prompt": "안녕", "max_new_tokens": 3, "ignore_eos": True}):
         r = await client.post("/generate", json=body)
         assert r.status_code == 200, r.text
@@ -293,3 +294,54 @@ async def test_chat_content_parts_follow_the_chat_rule(client: httpx.AsyncClient
     image = await answer([{"type": "image_url", "image_url": {"url": "http://x/y.png"}}])
     assert image.status_code == 400 and _error(image)["param"] == "messages"
     assert "only text parts" in _error(image)["message"]
+
+
+async def test_log_prompts_logs_every_generation_route(ready_service: ModelService, tiny_model_dir: Path,
+                                                       caplog: pytest.LogCaptureFixture) -> None:
+    """`--log-prompts` writes the prompt and the output of /generate, /v1/completions and
+    /v1/chat/completions, streamed or not."""
+    model = str(tiny_model_dir)
+    calls = [("/generate", {"prompt": "첫째 질문", "max_new_tokens": 3}),
+             ("/generate", {"prompt": "둘째 질문", "max_new_tokens": 3, "stream": True}),
+             ("/v1/completions", {"model": model, "prompt": "셋째 질문", "max_tokens": 3}),
+             ("/v1/completions", {"model": model, "prompt": "넷째 질문", "max_tokens": 3, "stream": True}),
+             ("/v1/chat/completions", {"model": model, "max_tokens": 3,
+                                       "messages": [{"role": "user", "content": "다섯째 질문"}]})]
+    async with make_client(ready_service, log_prompts=True) as c:
+        with caplog.at_level(logging.INFO, logger="kolite"):
+            for path, body in calls:
+                r = await c.post(path, json=body)
+                assert r.status_code == 200, r.text
+    logged = [r.getMessage() for r in caplog.records if r.getMessage().startswith("prompt=")]
+    for word in ("첫째", "둘째", "셋째", "넷째", "다섯째"):
+        assert any(word in line and "output=" in line for line in logged), word
+
+
+async def test_an_error_mid_stream_is_the_json_error_body(tiny_loaded: LoadedModel, tiny_model_dir: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """One error builder: a request that times out after its stream started ends with an error event
+    that is exactly the body a JSON response would carry (type, message, code), then `[DONE]`."""
+    import json
+
+    from kolite.api.errors import error_of
+    from kolite.errors import RequestTimeout
+
+    real = tiny_loaded.runtime.decode
+
+    def slow(*args: object, **kw: object) -> object:
+        time.sleep(0.05)
+        return real(*args, **kw)
+
+    monkeypatch.setattr(tiny_loaded.runtime, "decode", slow)
+    svc = ModelService(ModelSettings(model=str(tiny_model_dir)), loader=lambda _s: tiny_loaded,
+                       scheduler_options=SchedulerOptions(timeout=0.3))
+    async with make_client(svc) as c:
+        svc.wait_loaded(10)
+        r = await c.post("/v1/completions", json={"model": str(tiny_model_dir), "prompt": "안녕", "max_tokens": 60,
+                                                  "ignore_eos": True, "stream": True})
+    assert r.status_code == 200
+    data = [line[len("data: "):] for line in r.text.splitlines() if line.startswith("data: ")]
+    assert data[-1] == "[DONE]"
+    event = json.loads(data[-2])
+    status, body = error_of(RequestTimeout("the request ran past its time limit of 0.3s"))
+    assert status == 504 and event == body.model_dump()

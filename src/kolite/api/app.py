@@ -12,6 +12,7 @@ from kolite import __version__
 from kolite.api import routes_openai, routes_simple
 from kolite.api.errors import install_error_handlers
 from kolite.api.openai_serving import OpenAIServing
+from kolite.api.simple_serving import SimpleServing
 from kolite.config import ModelSettings, ServerSettings
 from kolite.engine.scheduler import SchedulerOptions
 from kolite.service import ModelService
@@ -39,8 +40,8 @@ def create_app(
     app = FastAPI(title="kolite", version=__version__, lifespan=lifespan,
                   description="Korean-first GPT-2 text generation (KoGPT2) on an int8 ONNX Runtime engine.")
     app.state.service = svc
-    app.state.openai = OpenAIServing(svc, server_settings.served_model_name)
-    app.state.log_prompts = server_settings.log_prompts
+    app.state.simple = SimpleServing(svc, log_prompts=server_settings.log_prompts)
+    app.state.openai = OpenAIServing(svc, server_settings.served_model_name, log_prompts=server_settings.log_prompts)
     install_error_handlers(app)
     app.include_router(routes_simple.router)
     app.include_router(routes_openai.router)

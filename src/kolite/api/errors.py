@@ -56,12 +56,28 @@ def status_of(exc: KoliteError) -> tuple[int, str]:
     return 500, "server_error"
 
 
+def error_of(exc: BaseException) -> tuple[int, ErrorResponse]:
+    """The one builder of kolite's error bodies: HTTP status and OpenAI's error shape for `exc`, for a
+    JSON response and for an error event in a stream alike. Anything not a KoliteError is a 500 whose
+    message says nothing of the internals."""
+    if not isinstance(exc, KoliteError):
+        return 500, ErrorResponse(error=ErrorDetail(message="internal server error", type="server_error"))
+    status, type_ = status_of(exc)
+    code = next((code for cls, code in _CODES if isinstance(exc, cls)), None)
+    return status, ErrorResponse(error=ErrorDetail(message=str(exc), type=type_, param=getattr(exc, "param", None),
+                                                   code=code))
+
+
+def error_event(exc: BaseException) -> str:
+    """An error in the middle of a stream (the status line is already sent), as OpenAI sends it."""
+    return error_of(exc)[1].model_dump_json()
+
+
 async def _kolite_error(_: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, KoliteError)
-    status, type_ = status_of(exc)
+    status, body = error_of(exc)
     headers = {"Retry-After": "1"} if status in (429, 503) else None
-    code = next((code for cls, code in _CODES if isinstance(exc, cls)), None)
-    return error_response(status, str(exc), type_, getattr(exc, "param", None), code, headers)
+    return JSONResponse(body.model_dump(), status_code=status, headers=headers)
 
 
 async def _validation_error(_: Request, exc: Exception) -> JSONResponse:

@@ -15,6 +15,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, field_validator, model_serializer
 
 from kolite.api.protocol import Usage, check_stops, stop_tuple
+from kolite.engine.sampling import SamplingParams
 from kolite.errors import InvalidRequest
 
 
@@ -55,8 +56,16 @@ class SamplingFields(BaseModel):
 
     _stops = field_validator("stop")(lambda v: check_stops(v))
 
-    def stop_list(self) -> tuple[str, ...]:
-        return stop_tuple(self.stop)
+    def to_sampling_params(self, max_new_tokens: int, stop_token_ids: frozenset[int] = frozenset(),
+                           extra_stops: tuple[str, ...] = ()) -> SamplingParams:
+        """The engine's parameters for this request (a chat template adds its stop ids and strings)."""
+        return SamplingParams(
+            max_new_tokens=max_new_tokens, temperature=self.temperature, do_sample=self.temperature > 0,
+            top_k=self.top_k, top_p=self.top_p, repetition_penalty=self.repetition_penalty,
+            presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty, seed=self.seed,
+            stop=tuple(dict.fromkeys(stop_tuple(self.stop) + extra_stops)), stop_token_ids=stop_token_ids,
+            ignore_eos=self.ignore_eos,
+        )
 
     def check_supported(self) -> None:
         """Refuse what kolite does not do, naming the field (HTTP 400)."""

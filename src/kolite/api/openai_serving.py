@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 
 from kolite.api.openai_protocol import (
     ChatChoice,
@@ -23,47 +22,24 @@ from kolite.api.openai_protocol import (
     CompletionResponse,
     ModelCard,
     ModelList,
-    SamplingFields,
     new_id,
     now,
 )
-from kolite.api.protocol import Usage, finish_reason_of, usage_of
+from kolite.api.protocol import Usage
+from kolite.api.serving import Generation, Serving, finish_reason_of, usage_of
 from kolite.chat.prompt import build_chat_prompt
-from kolite.engine.sampling import SamplingParams
 from kolite.engine.sequence import TokenEvent
-from kolite.errors import InvalidRequest, KoliteError, ModelNotFound
-from kolite.service import EventStream, ModelService
+from kolite.errors import InvalidRequest, ModelNotFound
+from kolite.service import ModelService
 
 CHAT_ANSWER_RESERVE = 256  # tokens kept free for the answer when a chat request gives no max_tokens
 
 
-def error_payload(exc: Exception) -> str:
-    """An error in the middle of a stream, in OpenAI's error shape (the status line is already sent)."""
-    from kolite.api.errors import status_of  # local: errors imports protocol, not serving
-
-    if isinstance(exc, KoliteError):
-        status, type_ = status_of(exc)
-        message = str(exc)
-    else:
-        status, type_, message = 500, "server_error", "internal server error"
-    return json.dumps({"error": {"message": message, "type": type_, "param": None, "code": str(status)}},
-                      ensure_ascii=False)
-
-
-@dataclass
-class Prepared:
-    """A validated request ready to submit."""
-
-    prompt_ids: list[int]
-    params: SamplingParams
-    echo_text: str = ""
-
-
-class OpenAIServing:
+class OpenAIServing(Serving):
     """Builds engine requests from OpenAI requests and OpenAI answers from engine events."""
 
-    def __init__(self, service: ModelService, served_name: str | None = None) -> None:
-        self.service = service
+    def __init__(self, service: ModelService, served_name: str | None = None, *, log_prompts: bool = False) -> None:
+        super().__init__(service, log_prompts=log_prompts)
         self.model_id = served_name or service.model_name
         self._created = now()
 
@@ -76,18 +52,8 @@ class OpenAIServing:
             raise ModelNotFound(f"model {name!r} is not served here; this server serves {self.model_id!r}",
                                 param="model")
 
-    # requests -> engine ---------------------------------------------------------------------
-    def _params(self, req: SamplingFields, max_new_tokens: int, stop_ids: frozenset[int] = frozenset(),
-                extra_stops: tuple[str, ...] = ()) -> SamplingParams:
-        return SamplingParams(
-            max_new_tokens=max_new_tokens, temperature=req.temperature, do_sample=req.temperature > 0,
-            top_k=req.top_k, top_p=req.top_p, repetition_penalty=req.repetition_penalty,
-            presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty, seed=req.seed,
-            stop=tuple(dict.fromkeys(req.stop_list() + extra_stops)), stop_token_ids=stop_ids,
-            ignore_eos=req.ignore_eos,
-        )
-
-    def prepare_completion(self, req: CompletionRequest) -> Prepared:
+    # completions --------------------------------------------------------------------------
+    def completion(self, req: CompletionRequest) -> Generation:
         self.check_model(req.model)
         req.check_supported()
         model = self.service.ready_model()
@@ -103,36 +69,15 @@ class OpenAIServing:
                 raise InvalidRequest("prompt must not be empty", param="prompt")
             ids = model.tokenizer.encode(text)
         max_new = req.max_tokens if req.max_tokens is not None else model.n_positions - len(ids)
-        return Prepared(ids, self._params(req, max_new), echo_text=text if req.echo else "")
-
-    def prepare_chat(self, req: ChatCompletionRequest) -> Prepared:
-        self.check_model(req.model)
-        req.check_supported()
-        model = self.service.ready_model()
-        messages = [{"role": m.role, "content": m.content} for m in req.messages]
-        limit = req.new_token_limit
-        reserve = limit if limit is not None else min(CHAT_ANSWER_RESERVE, model.n_positions // 4)
-        prompt = build_chat_prompt(messages, model.chat_template, model.tokenizer, model.n_positions - reserve)
-        max_new = limit if limit is not None else model.n_positions - len(prompt.ids)
-        return Prepared(prompt.ids, self._params(req, max_new, prompt.stop_ids, prompt.stop_strings))
-
-    # engine -> answers -------------------------------------------------------------------------
-    async def completion(self, req: CompletionRequest, stream: EventStream, prepared: Prepared) -> CompletionResponse:
-        finish = await stream.result()
-        choice = CompletionChoice(text=prepared.echo_text + finish.text, finish_reason=finish_reason_of(finish))
-        return CompletionResponse(id=new_id("cmpl"), created=now(), model=req.model, usage=usage_of(finish),
-                                  choices=[choice])
-
-    async def chat(self, req: ChatCompletionRequest, stream: EventStream) -> ChatCompletionResponse:
-        finish = await stream.result()
-        choice = ChatChoice(message=ChatMessageOut(content=finish.text), finish_reason=finish_reason_of(finish))
-        return ChatCompletionResponse(id=new_id("chatcmpl"), created=now(), model=req.model, usage=usage_of(finish),
-                                      choices=[choice])
-
-    async def completion_chunks(self, req: CompletionRequest, stream: EventStream,
-                                prepared: Prepared) -> AsyncIterator[str]:
-        """SSE payloads: text pieces, the finish reason, optional usage; `[DONE]` is added by the route."""
+        stream = self.submit(model, text, ids, req.to_sampling_params(max_new))
+        echo = text if req.echo else ""
         cid, created = new_id("cmpl"), now()
+
+        async def response() -> CompletionResponse:
+            finish = await stream.result()
+            choice = CompletionChoice(text=echo + finish.text, finish_reason=finish_reason_of(finish))
+            return CompletionResponse(id=cid, created=created, model=req.model, usage=usage_of(finish),
+                                      choices=[choice])
 
         def chunk(text: str, reason: str | None, usage: Usage | None = None, choices: bool = True) -> str:
             choice = {"index": 0, "text": text, "finish_reason": reason, "logprobs": None}
@@ -142,30 +87,54 @@ class OpenAIServing:
                 body["usage"] = usage.model_dump()
             return json.dumps(body, ensure_ascii=False)
 
-        if prepared.echo_text:
-            yield chunk(prepared.echo_text, None)
-        async for event in stream:
-            if isinstance(event, TokenEvent):
-                if event.text:
-                    yield chunk(event.text, None)
-            else:
-                yield chunk("", finish_reason_of(event))
-                if req.include_usage:
-                    yield chunk("", None, usage_of(event), choices=False)
+        async def chunks() -> AsyncIterator[str]:
+            """Text pieces, the finish reason, optional usage; `[DONE]` is added by `streaming`."""
+            if echo:
+                yield chunk(echo, None)
+            async for event in stream:
+                if isinstance(event, TokenEvent):
+                    if event.text:
+                        yield chunk(event.text, None)
+                else:
+                    yield chunk("", finish_reason_of(event))
+                    if req.include_usage:
+                        yield chunk("", None, usage_of(event), choices=False)
 
-    async def chat_chunks(self, req: ChatCompletionRequest, stream: EventStream) -> AsyncIterator[str]:
+        return Generation(stream, response, chunks)
+
+    # chat completions ---------------------------------------------------------------------
+    def chat(self, req: ChatCompletionRequest) -> Generation:
+        self.check_model(req.model)
+        req.check_supported()
+        model = self.service.ready_model()
+        messages = [{"role": m.role, "content": m.content} for m in req.messages]
+        limit = req.new_token_limit
+        reserve = limit if limit is not None else min(CHAT_ANSWER_RESERVE, model.n_positions // 4)
+        prompt = build_chat_prompt(messages, model.chat_template, model.tokenizer, model.n_positions - reserve)
+        max_new = limit if limit is not None else model.n_positions - len(prompt.ids)
+        params = req.to_sampling_params(max_new, prompt.stop_ids, prompt.stop_strings)
+        stream = self.submit(model, model.tokenizer.decode(prompt.ids), prompt.ids, params)
         cid, created = new_id("chatcmpl"), now()
+
+        async def response() -> ChatCompletionResponse:
+            finish = await stream.result()
+            choice = ChatChoice(message=ChatMessageOut(content=finish.text), finish_reason=finish_reason_of(finish))
+            return ChatCompletionResponse(id=cid, created=created, model=req.model, usage=usage_of(finish),
+                                          choices=[choice])
 
         def chunk(choices: list[ChatChunkChoice], usage: Usage | None = None) -> str:
             return ChatCompletionChunk(id=cid, created=created, model=req.model, choices=choices,
                                        usage=usage).model_dump_json(exclude_none=False)
 
-        yield chunk([ChatChunkChoice(delta=ChatDelta(role="assistant", content=""))])
-        async for event in stream:
-            if isinstance(event, TokenEvent):
-                if event.text:
-                    yield chunk([ChatChunkChoice(delta=ChatDelta(content=event.text))])
-            else:
-                yield chunk([ChatChunkChoice(delta=ChatDelta(), finish_reason=finish_reason_of(event))])
-                if req.include_usage:
-                    yield chunk([], usage_of(event))
+        async def chunks() -> AsyncIterator[str]:
+            yield chunk([ChatChunkChoice(delta=ChatDelta(role="assistant", content=""))])
+            async for event in stream:
+                if isinstance(event, TokenEvent):
+                    if event.text:
+                        yield chunk([ChatChunkChoice(delta=ChatDelta(content=event.text))])
+                else:
+                    yield chunk([ChatChunkChoice(delta=ChatDelta(), finish_reason=finish_reason_of(event))])
+                    if req.include_usage:
+                        yield chunk([], usage_of(event))
+
+        return Generation(stream, response, chunks)

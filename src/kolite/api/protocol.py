@@ -11,7 +11,7 @@ from typing import Literal
 
 from pydantic import BaseModel, Field, field_validator
 
-from kolite.engine.sequence import Finish
+from kolite.engine.sampling import SamplingParams
 
 DEFAULT_NEW_TOKENS = 64
 LENGTH_LIMIT = 32768  # a sanity bound; the model's own context window is checked per request
@@ -60,24 +60,17 @@ class GenerateRequest(BaseModel):
 
     _stops = field_validator("stop")(lambda v: check_stops(v))
 
-    def stop_list(self) -> tuple[str, ...]:
-        return stop_tuple(self.stop)
+    def to_sampling_params(self, max_new_tokens: int) -> SamplingParams:
+        """The engine's parameters for this request (`max_new_tokens` from `max_length` or the default)."""
+        return SamplingParams(max_new_tokens=max_new_tokens, temperature=self.temperature, do_sample=self.do_sample,
+                              top_k=self.top_k, top_p=self.top_p, repetition_penalty=self.repetition_penalty,
+                              seed=self.seed, stop=stop_tuple(self.stop), ignore_eos=self.ignore_eos)
 
 
 class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
-
-
-def usage_of(finish: Finish) -> Usage:
-    return Usage(prompt_tokens=finish.prompt_tokens, completion_tokens=finish.completion_tokens,
-                 total_tokens=finish.prompt_tokens + finish.completion_tokens)
-
-
-def finish_reason_of(finish: Finish) -> Literal["stop", "length"]:
-    """What both APIs report: `length` at the token limit, `stop` for everything that ended it early."""
-    return "length" if finish.reason == "length" else "stop"
 
 
 class GenerateResponse(BaseModel):

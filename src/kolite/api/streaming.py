@@ -14,7 +14,8 @@ from typing import TypeVar
 from sse_starlette.sse import EventSourceResponse
 from starlette.requests import Request
 
-from kolite.api.openai_serving import error_payload
+from kolite.api.errors import error_event
+from kolite.api.serving import Generation
 from kolite.service import EventStream
 
 log = logging.getLogger(__name__)
@@ -31,12 +32,20 @@ def sse_response(payloads: AsyncIterator[str], stream: EventStream) -> EventSour
                 yield {"data": data}
         except Exception as exc:  # the status line is sent: report in-band, as OpenAI does
             log.warning("stream ended with an error: %s", exc)
-            yield {"data": error_payload(exc)}
+            yield {"data": error_event(exc)}
         finally:
             stream.cancel()
         yield {"data": "[DONE]"}
 
     return EventSourceResponse(events(), ping=15, headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+async def respond(request: Request, streaming: bool, generation: Generation) -> object:
+    """What a generation route returns: the stream as Server-Sent Events, or the whole answer (a
+    disconnecting client cancels either)."""
+    if streaming:
+        return sse_response(generation.chunks(), generation.stream)
+    return await until_disconnect(request, generation.stream, generation.response())
 
 
 async def until_disconnect(request: Request, stream: EventStream, work: Awaitable[T]) -> T:

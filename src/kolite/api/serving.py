@@ -1,0 +1,58 @@
+"""What every generation route shares between its schema and the service: a submitted request
+(`Generation`: the event stream, the whole answer, the streamed chunks), prompt logging, and the
+usage and finish reason both APIs report.
+
+Each API has a serving class on this base (`simple_serving.SimpleServing` for `/generate`,
+`openai_serving.OpenAIServing` for `/v1/...`): a route parses its body, calls one serving method and
+returns what `streaming.respond` makes of the `Generation`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Literal
+
+from pydantic import BaseModel
+
+from kolite.api.protocol import Usage
+from kolite.engine.sampling import SamplingParams
+from kolite.engine.sequence import Finish
+from kolite.service import EventStream, LoadedModel, ModelService
+
+log = logging.getLogger("kolite.api")
+
+
+@dataclass(frozen=True)
+class Generation:
+    """A request queued in the engine; `response()` awaits the whole answer, `chunks()` streams it."""
+
+    stream: EventStream
+    response: Callable[[], Awaitable[BaseModel]]
+    chunks: Callable[[], AsyncIterator[str]]
+
+
+class Serving:
+    """The service, and the `--log-prompts` switch every route honours."""
+
+    def __init__(self, service: ModelService, *, log_prompts: bool = False) -> None:
+        self.service = service
+        self.log_prompts = log_prompts
+
+    def submit(self, model: LoadedModel, prompt: str, prompt_ids: list[int], params: SamplingParams) -> EventStream:
+        """Queue the request; with `log_prompts`, its prompt and output are logged when it finishes."""
+        def log_it(finish: Finish) -> None:
+            log.info("prompt=%r output=%r", prompt, finish.text)
+
+        return self.service.submit(model, prompt_ids, params, on_finish=log_it if self.log_prompts else None)
+
+
+def usage_of(finish: Finish) -> Usage:
+    return Usage(prompt_tokens=finish.prompt_tokens, completion_tokens=finish.completion_tokens,
+                 total_tokens=finish.prompt_tokens + finish.completion_tokens)
+
+
+def finish_reason_of(finish: Finish) -> Literal["stop", "length"]:
+    """What both APIs report: `length` at the token limit, `stop` for everything that ended it early."""
+    return "length" if finish.reason == "length" else "stop"
