@@ -11,10 +11,10 @@ import json
 import pytest
 
 from kolite.config import ModelSettings
-from kolite.engine.generate import collect, run_sequence
 from kolite.engine.sampling import SamplingParams
 from kolite.service import LoadedModel, load_model
 from tests.conftest import fixture_path
+from tests.reference_decode import collect, run_sequence
 
 
 @pytest.fixture(scope="module", params=["int8", "int4", "fp32"])

@@ -21,7 +21,7 @@ from kolite.config import ModelSettings
 from kolite.convert.prepare import PreparedModel, prepare_model
 from kolite.engine.runtime import GPT2Runtime, RuntimeOptions
 from kolite.engine.sampling import SamplingParams
-from kolite.engine.scheduler import Request, Scheduler, SchedulerOptions
+from kolite.engine.scheduler import EngineRequest, Scheduler, SchedulerOptions
 from kolite.engine.sequence import Finish, Sequence, TokenEvent
 from kolite.errors import GenerationFailed, ModelFormatError, ModelNotReady, RequestTimeout, ShuttingDown
 from kolite.models.profiles import profile_for
@@ -191,7 +191,7 @@ class EventStream:
     decode step.
     """
 
-    def __init__(self, request: Request, queue: asyncio.Queue[TokenEvent | Finish], timeout: float | None,
+    def __init__(self, request: EngineRequest, queue: asyncio.Queue[TokenEvent | Finish], timeout: float | None,
                  on_finish: Callable[[Finish], None] | None = None) -> None:
         self._request = request
         self._queue = queue

@@ -96,7 +96,7 @@ def async_openai_client(server: LiveServer, timeout: float = 30.0) -> openai.Asy
     return openai.AsyncOpenAI(base_url=server.base_url, api_key="unused", max_retries=0, timeout=timeout)
 
 
-STEP_METHODS = ("forward", "prefill_chunk", "decode")  # every model call the runtime makes
+STEP_METHODS = ("prefill_chunk", "decode")  # every model call the runtime makes
 
 
 @contextmanager

@@ -21,7 +21,6 @@ import pytest
 
 from kolite.api.app import create_app
 from kolite.config import ModelSettings, ServerSettings
-from kolite.engine.generate import collect, run_sequence
 from kolite.engine.sampling import SamplingParams
 from kolite.engine.scheduler import SchedulerOptions
 from kolite.engine.sequence import Finish
@@ -37,6 +36,7 @@ from tests.api.live_server import (
     wait_until_async,
 )
 from tests.conftest import TINY, fixture_path
+from tests.reference_decode import reference as reference_decode
 
 MODEL = "kolite-tiny"
 SLOW_STEP = 0.02  # seconds added to every model call where a request must stay in the engine a while
@@ -78,8 +78,7 @@ def reference(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) ->
 
 
 def expected(model: LoadedModel, prompt_ids: list[int], **params: object) -> Finish:
-    seq = model.new_sequence(prompt_ids, SamplingParams(**params))  # type: ignore[arg-type]
-    return collect(run_sequence(model.runtime, seq))
+    return reference_decode(model, prompt_ids, SamplingParams(**params))  # type: ignore[arg-type]
 
 
 def chat_ids(model: LoadedModel, question: str) -> list[int]:

@@ -27,7 +27,7 @@ def test_transcript_ids_equal_encoding_the_whole_text(gpt2: Tokenizer) -> None:
         "You are a helpful assistant.\nUser: Hello, my dog is cute\nAssistant: Nice to hear!\nTell me more.\n"
         "User: How old is he?\nAssistant:"
     )
-    assert template.text(messages) == text
+    assert template.transcript(messages) == text
     ids = template.encode(messages)
     assert ids == gpt2.encode(text)
     assert gpt2.decode(ids) == text
@@ -43,7 +43,7 @@ def test_stops(gpt2: Tokenizer) -> None:
 def test_continuation_ends_inside_the_answer(gpt2: Tokenizer) -> None:
     template = PlainTextTemplate(gpt2)
     messages = [ChatMessage(U, "Tell a story"), ChatMessage(A, "Once upon a")]
-    assert template.text(messages) == "User: Tell a story\nAssistant: Once upon a"
+    assert template.transcript(messages) == "User: Tell a story\nAssistant: Once upon a"
     assert template.encode(messages) == gpt2.encode("User: Tell a story\nAssistant: Once upon a")
 
 
@@ -59,7 +59,7 @@ def test_endoftext_in_text_stays_text(gpt2: Tokenizer) -> None:
 
 def test_custom_labels(gpt2: Tokenizer) -> None:
     template = PlainTextTemplate(gpt2, user_label="Q", assistant_label="A")
-    assert template.text([ChatMessage(U, "2+2?")]) == "Q: 2+2?\nA:"
+    assert template.transcript([ChatMessage(U, "2+2?")]) == "Q: 2+2?\nA:"
     assert template.stop_strings == ("\nQ:", "\nA:")
     assert template.encode([ChatMessage(U, "2+2?")]) == gpt2.encode("Q: 2+2?\nA:")
 
@@ -67,7 +67,7 @@ def test_custom_labels(gpt2: Tokenizer) -> None:
 def test_tiny_tokenizer_transcript(tiny: Tokenizer) -> None:
     template = PlainTextTemplate(tiny)
     messages = [ChatMessage(U, "안녕하세요"), ChatMessage(A, "반갑습니다."), ChatMessage(U, "<sys>날씨?")]
-    text = template.text(messages)
+    text = template.transcript(messages)
     assert text == "User: 안녕하세요\nAssistant: 반갑습니다.\nUser: <sys>날씨?\nAssistant:"
     ids = template.encode(messages)
     assert not tiny.hidden_ids.intersection(ids)

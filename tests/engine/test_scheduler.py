@@ -8,12 +8,12 @@ import time
 import numpy as np
 import pytest
 
-from kolite.engine.generate import collect, run_sequence
 from kolite.engine.sampling import SamplingParams
 from kolite.engine.scheduler import Scheduler, SchedulerOptions
 from kolite.engine.sequence import Finish, TokenEvent
 from kolite.errors import ContextTooLong, KVPoolExceeded, Overloaded
 from kolite.service import LoadedModel
+from tests.reference_decode import reference
 
 
 class Collector:
@@ -50,7 +50,7 @@ def _params(i: int, n_new: int = 20) -> SamplingParams:
 
 
 def _alone(model: LoadedModel, prompt: list[int], params: SamplingParams) -> Finish:
-    return collect(run_sequence(model.runtime, model.new_sequence(prompt, params)))
+    return reference(model, prompt, params)
 
 
 def test_batched_results_equal_sequential_runs(tiny_loaded: LoadedModel) -> None:

@@ -24,7 +24,6 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 MIN_JINJA = (3, 1, 6)
 
-TemplateError = jinja2.TemplateError
 
 
 def _version(text: str) -> tuple[int, ...]:

@@ -157,7 +157,7 @@ class PlainTextTemplate(TurnTemplate):
     def generation_ids(self) -> list[int]:
         return self.encoder.encode(f"{self.assistant_label}:")
 
-    def text(self, messages: Sequence[ChatMessage]) -> str:
+    def transcript(self, messages: Sequence[ChatMessage]) -> str:
         """The transcript `encode` spells (for logs and tests)."""
         system = SYSTEM_SEPARATOR.join(m.content.strip() for m in messages if m.role == "system" and m.content.strip())
         rest = [m for m in messages if m.role != "system"]

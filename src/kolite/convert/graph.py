@@ -156,11 +156,11 @@ def _skip_layer_norm(b: _Builder, hidden: str, branch: str, bias: str, gamma: st
     return b.op("LayerNormalization", [total, gamma, beta], axis=-1, epsilon=eps), total
 
 
-Weights = Literal["fp32", "int8", "int4"]
+WeightFormat = Literal["fp32", "int8", "int4"]
 INT4_BLOCK = 32  # weights per int4 scale: the block of llama.cpp's Q4_0
 
 
-def _linear(b: _Builder, x: str, w: np.ndarray, bias: np.ndarray | None, tag: str, weights: Weights,
+def _linear(b: _Builder, x: str, w: np.ndarray, bias: np.ndarray | None, tag: str, weights: WeightFormat,
             int8_weights: Int8Weights = "s8") -> str:
     """x @ w (+ bias), w in transformers' Conv1D layout ([in, out]), stored as `weights` asks."""
     if weights == "int8":
@@ -301,7 +301,7 @@ KVCache = Literal["fp32", "fp16"]
 
 
 def build_gpt2_graph(
-    cfg: GPT2Config, weights: Mapping[str, np.ndarray], *, all_logits: bool = False, quant: Weights = "fp32",
+    cfg: GPT2Config, weights: Mapping[str, np.ndarray], *, all_logits: bool = False, quant: WeightFormat = "fp32",
     kv_cache: KVCache = "fp32", int8_weights: Int8Weights | None = None, external_data: Path | None = None,
     token_table: Path,
 ) -> onnx.ModelProto:

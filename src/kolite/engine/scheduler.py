@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from kolite.engine.runtime import GPT2Runtime, release_free_memory
-from kolite.engine.sequence import Finish, Sequence, TokenEvent
+from kolite.engine.sequence import Finish, FinishReason, Sequence, TokenEvent
 from kolite.errors import ContextTooLong, KVPoolExceeded, Overloaded
 
 # Prompts this long leave megabytes of freed activations in the C heap: trimmed after their prefill
@@ -57,7 +57,7 @@ def kv_tokens_needed(seq: Sequence) -> int:
 
 
 @dataclass
-class Request:
+class EngineRequest:
     """A sequence in the scheduler, and how its events get back to the caller."""
 
     seq: Sequence
@@ -77,7 +77,7 @@ class Request:
 class _Prefill:
     """A request whose prompt is going into cache slot `slot`; `done` tokens of it are in so far."""
 
-    req: Request
+    req: EngineRequest
     slot: int
     done: int = 0
 
@@ -86,7 +86,7 @@ class _Prefill:
 class _Batch:
     """The running rows: row i lives in cache slot i and holds lengths[i] tokens."""
 
-    rows: list[Request] = field(default_factory=list)
+    rows: list[EngineRequest] = field(default_factory=list)
     lengths: list[int] = field(default_factory=list)
 
 
@@ -100,23 +100,22 @@ class Scheduler:
         every_slot = runtime.capacity * self.options.max_batch  # the most the cache buffers can hold
         self.kv_pool = min(self.options.max_kv_tokens or every_slot, every_slot)
         self.kv_reserved = 0  # tokens reserved by the running and prefilling requests (engine thread only)
-        self._waiting: collections.deque[Request] = collections.deque()
+        self._waiting: collections.deque[EngineRequest] = collections.deque()
         self._cond = threading.Condition()
         self._batch = _Batch()
         self._prefilling: _Prefill | None = None  # the prompt being prefilled, one chunk per step
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="kolite-engine", daemon=True)
         self.steps = 0  # decode steps run (for tests and metrics)
-        self.tokens = 0  # tokens generated
         self._thread.start()
 
     # --- caller side (any thread) ------------------------------------------------------------
-    def submit(self, seq: Sequence, deliver: Deliver) -> Request:
+    def submit(self, seq: Sequence, deliver: Deliver) -> EngineRequest:
         """Queue a sequence; raises Overloaded when the queue is full, KVPoolExceeded (or ContextTooLong,
         beyond one slot) when it could never be admitted."""
         self._check_fits(seq)
         timeout = self.options.timeout
-        req = Request(seq, deliver, None if timeout is None else time.monotonic() + timeout,
+        req = EngineRequest(seq, deliver, None if timeout is None else time.monotonic() + timeout,
                       kv_tokens=kv_tokens_needed(seq))
         with self._cond:
             if self._stopping:
@@ -183,7 +182,7 @@ class Scheduler:
     def _drop_cancelled(self) -> None:
         now = time.monotonic()
 
-        def gone(req: Request) -> bool:
+        def gone(req: EngineRequest) -> bool:
             return req.cancelled.is_set() or (req.deadline is not None and now > req.deadline)
 
         with self._cond:
@@ -263,10 +262,9 @@ class Scheduler:
                 done.append(i)
         self._remove_rows(done)
 
-    def _emit(self, req: Request, logits: np.ndarray) -> bool:
+    def _emit(self, req: EngineRequest, logits: np.ndarray) -> bool:
         """Sample, hand the event over, and say whether the request goes on."""
         token = req.seq.next_token(logits)
-        self.tokens += 1
         self._deliver(req, req.seq.accept(token))
         if req.seq.finished:
             self._deliver(req, req.seq.result())
@@ -288,10 +286,10 @@ class Scheduler:
             b.lengths.pop()
             self.runtime.release(last)  # the last slot is free now: its cache pages go back
 
-    def _finish(self, req: Request, reason: str) -> None:
+    def _finish(self, req: EngineRequest, reason: FinishReason) -> None:
         if req.done.is_set():
             return
-        req.seq.finish_reason = reason  # type: ignore[assignment]
+        req.seq.stop(reason)
         self._deliver(req, req.seq.result())
         req.done.set()
 
@@ -306,7 +304,7 @@ class Scheduler:
             self._finish(r, "error")
 
     @staticmethod
-    def _deliver(req: Request, event: Event) -> None:
+    def _deliver(req: EngineRequest, event: Event) -> None:
         try:
             req.deliver(event)
         except Exception:  # the consumer's loop may be closed; the engine must go on

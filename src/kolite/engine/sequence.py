@@ -103,8 +103,9 @@ class Sequence:
             self._finish_text()
         return TokenEvent(token_id, self._release(final=self.finished))
 
-    def cancel(self) -> None:
-        self.finish_reason = "cancelled"
+    def stop(self, reason: FinishReason = "cancelled") -> None:
+        """End it from outside (cancelled by its client, stopped at its time limit or by the engine)."""
+        self.finish_reason = reason
 
     def result(self) -> Finish:
         assert self.finish_reason is not None

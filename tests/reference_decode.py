@@ -1,8 +1,8 @@
-"""The batch-1 decode loop: prefill the prompt, then one cached step per new token.
+"""The tests' one reference decode: the plain batch-1 loop (prefill, then one cached step per new
+token), no scheduler, no HTTP, to compare what the scheduler and the server give against.
 
-It yields `TokenEvent`s as tokens arrive and ends with a `Finish`, so callers can stream or collect.
-A `should_stop` callback is polled once per step, so a caller that goes away stops the work within
-one token.
+It yields `TokenEvent`s as tokens arrive and ends with a `Finish`; `reference(model, prompt, params)`
+collects it.
 """
 
 from __future__ import annotations
@@ -10,7 +10,9 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 
 from kolite.engine.runtime import GPT2Runtime
+from kolite.engine.sampling import SamplingParams
 from kolite.engine.sequence import Finish, Sequence, TokenEvent
+from kolite.service import LoadedModel
 
 
 def run_sequence(
@@ -25,7 +27,7 @@ def run_sequence(
         if seq.finished:
             break
         if should_stop is not None and should_stop():
-            seq.cancel()
+            seq.stop()
             break
         logits = runtime.decode([token], [length])[0]
         length += 1
@@ -40,3 +42,8 @@ def collect(events: Iterator[TokenEvent | Finish]) -> Finish:
             finish = ev
     assert finish is not None
     return finish
+
+
+def reference(model: LoadedModel, prompt_ids: list[int], params: SamplingParams) -> Finish:
+    """What a request gives alone: the reference loop over a new sequence of `model`."""
+    return collect(run_sequence(model.runtime, model.new_sequence(prompt_ids, params)))
