@@ -7,16 +7,18 @@ Everything here works on a clone without `../shared/fixtures`; tests that need t
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from kolite.config import ModelSettings
+from kolite.engine.scheduler import SchedulerOptions
 from kolite.models.gpt2config import GPT2Config
 from kolite.models.profiles import profile_for
 from kolite.models.synthetic import write_checkpoint
 from kolite.models.tokenizer_config import read_tokenizer_config
-from kolite.service import LoadedModel, load_model
+from kolite.service import LoadedModel, ModelService, load_model
 from kolite.tokenizer import Tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -118,3 +120,12 @@ def kolite_home(tmp_path: Path) -> Path:
 def anyio_backend() -> str:
     """Async tests (marked `anyio`) run on asyncio, as uvicorn does."""
     return "asyncio"
+
+
+def make_service(loaded: LoadedModel | None, model: Path | str, options: SchedulerOptions | None = None,
+                 loader: Callable[[ModelSettings], LoadedModel] | None = None) -> ModelService:
+    """The tests' one way to build a service over an already loaded model (no conversion; `loader`
+    replaces it, for loading and failing on purpose). Not started: `start_loading()` or the app's
+    lifespan starts it."""
+    return ModelService(ModelSettings(model=str(model)), loader=loader or (lambda _s: loaded),  # type: ignore[arg-type]
+                        scheduler_options=options)

@@ -6,11 +6,11 @@ import asyncio
 
 import pytest
 
-from kolite.config import ModelSettings
 from kolite.engine.sampling import SamplingParams
 from kolite.engine.sequence import TokenEvent
 from kolite.errors import ShuttingDown
-from kolite.service import LoadedModel, ModelService
+from kolite.service import LoadedModel
+from tests.conftest import make_service
 
 pytestmark = pytest.mark.anyio
 
@@ -18,7 +18,7 @@ pytestmark = pytest.mark.anyio
 async def test_a_request_stopped_by_shutdown_ends_in_an_error(tiny_loaded: LoadedModel) -> None:
     """A running request that the shutdown stops raises ShuttingDown (503), never a normal finish; one the
     client cancels itself ends quietly."""
-    svc = ModelService(ModelSettings(model="tiny"), loader=lambda _s: tiny_loaded)
+    svc = make_service(tiny_loaded, "tiny")
     svc.start_loading()
     svc.wait_loaded(10)
     params = SamplingParams(max_new_tokens=100, ignore_eos=True, do_sample=False)

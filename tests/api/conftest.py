@@ -9,8 +9,9 @@ import httpx
 import pytest
 
 from kolite.api.app import create_app
-from kolite.config import ModelSettings, ServerSettings
+from kolite.config import ServerSettings
 from kolite.service import LoadedModel, ModelService
+from tests.conftest import make_service
 
 
 def make_client(service: ModelService, **server: object) -> httpx.AsyncClient:
@@ -21,7 +22,7 @@ def make_client(service: ModelService, **server: object) -> httpx.AsyncClient:
 
 @pytest.fixture()
 def ready_service(tiny_loaded: LoadedModel, tiny_model_dir: Path) -> ModelService:
-    svc = ModelService(ModelSettings(model=str(tiny_model_dir)), loader=lambda _s: tiny_loaded)
+    svc = make_service(tiny_loaded, tiny_model_dir)
     svc.start_loading()
     svc.wait_loaded(10)
     return svc

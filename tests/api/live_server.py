@@ -11,16 +11,13 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from pathlib import Path
 
 import openai
 import uvicorn
 from fastapi import FastAPI
 
-from kolite.config import ModelSettings
 from kolite.engine.runtime import GPT2Runtime
-from kolite.engine.scheduler import SchedulerOptions
-from kolite.service import LoadedModel, ModelService
+from kolite.service import ModelService
 
 HOST = "127.0.0.1"
 
@@ -79,13 +76,6 @@ def serve(app: FastAPI) -> Iterator[LiveServer]:
         yield server
     finally:
         server.stop()
-
-
-def make_service(loaded: LoadedModel, model_dir: Path, options: SchedulerOptions,
-                 loader: Callable[[ModelSettings], LoadedModel] | None = None) -> ModelService:
-    """A service over an already loaded model (no conversion); the app's lifespan starts it."""
-    return ModelService(ModelSettings(model=str(model_dir)), loader=loader or (lambda _s: loaded),
-                        scheduler_options=options)
 
 
 def openai_client(server: LiveServer, timeout: float = 30.0) -> openai.OpenAI:

@@ -29,13 +29,12 @@ from tests.api.live_server import (
     LiveServer,
     assert_engine_settles,
     async_openai_client,
-    make_service,
     openai_client,
     serve,
     slowed,
     wait_until_async,
 )
-from tests.conftest import TINY, fixture_path
+from tests.conftest import TINY, fixture_path, make_service
 from tests.reference_decode import reference as reference_decode
 
 MODEL = "kolite-tiny"
@@ -555,8 +554,7 @@ def chatbot_live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServe
     folder = fixture_path("chatbot-tiny-ko")
     home = tmp_path_factory.mktemp("chatbot-home")
     loaded = load_model(ModelSettings(model=str(folder), kolite_home=home, threads=2))
-    svc = ModelService(ModelSettings(model=str(folder)), loader=lambda _s: loaded,
-                       scheduler_options=SchedulerOptions(max_batch=2, max_queue=4))
+    svc = make_service(loaded, folder, SchedulerOptions(max_batch=2, max_queue=4))
     app = create_app(server_settings=ServerSettings(served_model_name="chatbot-tiny-ko"), service=svc)
     with serve(app) as server:
         assert svc.wait_loaded(30) is State.READY

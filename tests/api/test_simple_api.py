@@ -17,7 +17,7 @@ from kolite.engine.scheduler import SchedulerOptions
 from kolite.service import LoadedModel, ModelService
 from tests.api.conftest import make_client
 from tests.api.live_server import slowed, wait_until_async
-from tests.conftest import TINY
+from tests.conftest import TINY, make_service
 
 pytestmark = pytest.mark.anyio
 
@@ -36,7 +36,7 @@ async def test_status_loading_then_ready(tiny_loaded: LoadedModel, tiny_model_di
         gate.wait(10)
         return tiny_loaded
 
-    svc = ModelService(ModelSettings(model=str(tiny_model_dir)), loader=slow_loader)
+    svc = make_service(None, tiny_model_dir, loader=slow_loader)
     async with make_client(svc) as c:
         r = await c.get("/")
         assert r.status_code == 200
@@ -57,7 +57,7 @@ async def test_status_error_carries_reason(tiny_model_dir: Path) -> None:
     def broken(_: ModelSettings) -> LoadedModel:
         raise FileNotFoundError("no weights in /nowhere")
 
-    svc = ModelService(ModelSettings(model="missing/model"), loader=broken)
+    svc = make_service(None, "missing/model", loader=broken)
     async with make_client(svc) as c:
         svc.wait_loaded(10)
         body = (await c.get("/")).json()
@@ -154,7 +154,7 @@ async def test_context_overflow_is_400(client: httpx.AsyncClient) -> None:
 
 async def test_generation_failure_is_500_json(tiny_loaded: LoadedModel, tiny_model_dir: Path,
                                               monkeypatch: pytest.MonkeyPatch) -> None:
-    svc = ModelService(ModelSettings(model=str(tiny_model_dir)), loader=lambda _s: tiny_loaded)
+    svc = make_service(tiny_loaded, tiny_model_dir)
 
     def explode(*_a: object, **_k: object) -> None:
         raise RuntimeError("onnxruntime exploded")
@@ -177,7 +177,7 @@ async def test_health_answers_while_generating(tiny_loaded: LoadedModel, tiny_mo
         return real(*args, **kw)
 
     monkeypatch.setattr(tiny_loaded.runtime, "decode", slow)
-    svc = ModelService(ModelSettings(model=str(tiny_model_dir)), loader=lambda _s: tiny_loaded)
+    svc = make_service(tiny_loaded, tiny_model_dir)
     async with make_client(svc) as c:
         svc.wait_loaded(10)
         gen = asyncio.create_task(c.post("/generate", json={"prompt": "hi", "max_new_tokens": 20, "do_sample": False}))
@@ -222,8 +222,7 @@ async def test_ignore_eos_is_passed_to_the_engine(client: httpx.AsyncClient, rea
 
 
 def _pooled_service(loaded: LoadedModel, model_dir: Path, **options: int) -> ModelService:
-    return ModelService(ModelSettings(model=str(model_dir)), loader=lambda _s: loaded,
-                        scheduler_options=SchedulerOptions(**options))
+    return make_service(loaded, model_dir, SchedulerOptions(**options))
 
 
 async def test_request_larger_than_the_kv_pool_is_400(tiny_loaded: LoadedModel, tiny_model_dir: Path) -> None:
@@ -333,8 +332,7 @@ async def test_an_error_mid_stream_is_the_json_error_body(tiny_loaded: LoadedMod
         return real(*args, **kw)
 
     monkeypatch.setattr(tiny_loaded.runtime, "decode", slow)
-    svc = ModelService(ModelSettings(model=str(tiny_model_dir)), loader=lambda _s: tiny_loaded,
-                       scheduler_options=SchedulerOptions(timeout=0.3))
+    svc = make_service(tiny_loaded, tiny_model_dir, SchedulerOptions(timeout=0.3))
     async with make_client(svc) as c:
         svc.wait_loaded(10)
         r = await c.post("/v1/completions", json={"model": str(tiny_model_dir), "prompt": "안녕", "max_tokens": 60,
