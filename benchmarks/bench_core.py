@@ -239,17 +239,9 @@ def _korean_lines() -> list[str]:
 
 def _fallback_tokenizer(path: Path, vocab_size: int) -> Path:
     """A byte-level BPE trained on Korean text with KoGPT2's specials at ids 0-6 (as tests/conftest.py)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from kolite.models.synthetic import train_byte_level_bpe
 
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=min(vocab_size, 8000), special_tokens=KOGPT2_SPECIALS,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator(_korean_lines()[:3000], trainer=trainer)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tok.save(str(path))
-    return path
+    return train_byte_level_bpe(path, _korean_lines()[:3000], min(vocab_size, 8000), KOGPT2_SPECIALS)
 
 
 def _model_shape(quick: bool):

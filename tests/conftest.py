@@ -16,7 +16,7 @@ from kolite.config import ModelSettings
 from kolite.engine.scheduler import SchedulerOptions
 from kolite.models.gpt2config import GPT2Config
 from kolite.models.profiles import profile_for
-from kolite.models.synthetic import write_checkpoint
+from kolite.models.synthetic import train_byte_level_bpe, write_checkpoint
 from kolite.models.tokenizer_config import read_tokenizer_config
 from kolite.service import LoadedModel, ModelService, load_model
 from kolite.tokenizer import Tokenizer
@@ -52,16 +52,10 @@ def build_tiny_tokenizer(path: Path, vocab_size: int = TINY.vocab_size) -> Path:
     Byte-level means any text encodes, and one token can hold half a Hangul syllable: the hard case
     for streaming whole characters.
     """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers import Tokenizer as HFTokenizer
 
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=KOGPT2_SPECIALS,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator(CORPUS, trainer=trainer)
-    assert tok.get_vocab_size() <= vocab_size
-    tok.save(str(path))
+    train_byte_level_bpe(path, CORPUS, vocab_size, KOGPT2_SPECIALS)
+    assert HFTokenizer.from_file(str(path)).get_vocab_size() <= vocab_size
     return path
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from kolite.models.profiles import profile_for
+from kolite.models.synthetic import train_byte_level_bpe
 from kolite.models.tokenizer_config import read_tokenizer_config
 from kolite.tokenizer import Tokenizer
 from tests.conftest import CORPUS, build_tiny_tokenizer, fixture_path
@@ -40,19 +41,8 @@ def build_chatml_model(folder: Path, config: dict | None = None, *, template: st
     `<|endoftext|>` is the bos, `<|im_end|>` the eos, so the tokenizer gets a generic profile.
     Returns the tokenizer_config.json path.
     """
-    from tokenizers import Tokenizer as HFTokenizer
-    from tokenizers import decoders, models, pre_tokenizers, trainers
-
-    folder.mkdir(parents=True, exist_ok=True)
-    tok = HFTokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=400, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
-    )
-    tok.train_from_iterator([*CORPUS, "system user assistant"] * 2, trainer=trainer)
-    tok.save(str(folder / "tokenizer.json"))
+    train_byte_level_bpe(folder / "tokenizer.json", [*CORPUS, "system user assistant"] * 2, 400,
+                         ["<|endoftext|>", "<|im_start|>", "<|im_end|>"])
     cfg = {"bos_token": "<|endoftext|>", "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"}
     if template is not None:
         cfg["chat_template"] = template

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import shutil
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -110,3 +111,23 @@ def ensure_checkpoint(folder: Path, cfg: GPT2Config, *, seed: int, stamp: dict,
 
     publish_folder(folder, build)
     return True
+
+
+def train_byte_level_bpe(path: Path, lines: Iterable[str], vocab_size: int, special_tokens: Sequence[str]) -> Path:
+    """A GPT-2-style byte-level BPE tokenizer trained on `lines`, saved as tokenizer.json at `path`.
+
+    `special_tokens` take the first ids, in order (KoGPT2's specials at 0-6, say). Byte-level means any
+    text encodes, and one token can hold half a Hangul syllable: the hard case for streaming whole
+    characters. For tests and benchmarks that cannot download a real tokenizer.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(special_tokens),
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(lines, trainer=trainer)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    tok.save(str(path))
+    return Path(path)
