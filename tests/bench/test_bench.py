@@ -217,7 +217,7 @@ def test_lengths_are_clipped_to_a_small_model(tiny_loaded) -> None:
     assert (t["requested"], t["prompt_tokens"]) == (512, 127)
     c = bench.measure_context(model, 900, steps=4, repeats=1)
     assert c["context"] == 128 - 5 and positive(c["tok_s"])
-    assert bench._distinct((16, 128, 512, 900), 128, 5) == [16, 128]
+    assert bench.distinct_lengths((16, 128, 512, 900), 128, 5) == [16, 128]
 
 
 def test_timed_generation_yields_every_token(ids_only_model: bench.BenchModel) -> None:
@@ -302,7 +302,7 @@ def test_cli_refuses_model_and_random_weights(capsys: pytest.CaptureFixture) -> 
 
 def test_plot_without_matplotlib_says_how_to_get_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                     capsys: pytest.CaptureFixture) -> None:
-    monkeypatch.setattr(bench, "plot_available", lambda: False)
+    monkeypatch.setattr("kolite.bench.run.plot_available", lambda: False)
     assert main(["bench", "--random-weights", "kogpt2", "--kolite-home", str(tmp_path),
                  "--plot", str(tmp_path / "p.png")]) == 2
     assert "pip install matplotlib" in capsys.readouterr().err
