@@ -9,7 +9,7 @@ One run measures, for each engine, on a random-weight model of KoGPT2's exact sh
 * end-to-end       = wall time of the whole `--new-tokens` generation call (prompt included);
 * peak RSS         = the engine process's high-water resident set (`VmHWM`), each engine in its own
   fresh subprocess; `ru_maxrss` is reported beside it as a cross-check (see the note in
-  `_memory`: on Linux `ru_maxrss` survives fork+exec, so it can show the *parent's* peak);
+  `memory`: on Linux `ru_maxrss` survives fork+exec, so it can show the *parent's* peak);
 * import and load times, and the first (cold) call, separately. Before the timed repeats each engine
   also makes one untimed full call, so the repeats measure a warm server (medians are reported).
 
@@ -35,7 +35,6 @@ import datetime as dt
 import hashlib
 import json
 import os
-import platform
 import resource
 import shutil
 import statistics
@@ -46,6 +45,8 @@ import time
 from importlib import metadata
 from pathlib import Path
 from typing import Any
+
+from kolite.config import default_threads
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -73,11 +74,11 @@ SEED = 0
 # helpers shared by the orchestrator and the workers (stdlib only: the orchestrator stays small)
 
 
-def _log(msg: str) -> None:
+def log(msg: str) -> None:
     print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
-def _status_kb(field: str) -> int | None:
+def status_kb(field: str) -> int | None:
     try:
         with open("/proc/self/status", encoding="ascii") as fh:
             for line in fh:
@@ -88,7 +89,7 @@ def _status_kb(field: str) -> int | None:
     return None
 
 
-def _memory() -> dict[str, float | None]:
+def memory() -> dict[str, float | None]:
     """Resident memory of this process, MB (1 MB = 2**20 bytes).
 
     `vmhwm_mb` (the kernel's high-water mark of this address space) is the peak RSS we report.
@@ -101,7 +102,7 @@ def _memory() -> dict[str, float | None]:
     # RssFile: pages of mapped files (e.g. mmap-ed safetensors); RssAnon: the process's own heap.
     for key, field in (("vmhwm_mb", "VmHWM"), ("rss_mb", "VmRSS"), ("rss_anon_mb", "RssAnon"),
                        ("rss_file_mb", "RssFile")):
-        kb = _status_kb(field)
+        kb = status_kb(field)
         out[key] = None if kb is None else round(kb / 1024, 1)
     with contextlib.suppress(Exception):
         import psutil
@@ -110,36 +111,11 @@ def _memory() -> dict[str, float | None]:
     return out
 
 
-def _version(dist: str) -> str | None:
+def version(dist: str) -> str | None:
     try:
         return metadata.version(dist)
     except metadata.PackageNotFoundError:
         return None
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as fh:
-            for line in fh:
-                if line.lower().startswith(("model name", "hardware", "cpu model")):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def _cpu_flags() -> list[str]:
-    """The SIMD features that decide int8/fp32 GEMM speed (VNNI for int8, AVX-512, NEON dot-product)."""
-    wanted = {"avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8",
-              "asimddp", "i8mm", "sve"}
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as fh:
-            for line in fh:
-                if line.lower().startswith(("flags", "features")):
-                    return sorted(wanted & set(line.split(":", 1)[1].split()))
-    except OSError:
-        pass
-    return []
 
 
 def kolite_source() -> dict[str, Any]:
@@ -161,56 +137,26 @@ def kolite_source() -> dict[str, Any]:
 
 
 def machine_info() -> dict[str, Any]:
-    try:
-        affinity = len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - non-Linux
-        affinity = os.cpu_count()
-    physical = None
-    with contextlib.suppress(Exception):
-        import psutil
+    """`kolite bench`'s description of the machine (CPU and its features, cores, memory, versions), plus
+    the versions of the other engines these scripts compare and the load average at the start."""
+    from kolite.bench import machine_info as kolite_machine
 
-        physical = psutil.cpu_count(logical=False)
-    mem_total = None
-    with contextlib.suppress(OSError, ValueError, IndexError), open("/proc/meminfo", encoding="ascii") as fh:
-        mem_total = round(int(fh.readline().split()[1]) / 2**20, 1)
-    return {
-        "cpu_model": _cpu_model(),
-        "cpu_flags": _cpu_flags(),
-        "logical_cpus": os.cpu_count(),
-        "usable_cpus": affinity,
-        "physical_cores": physical,
-        "memory_gb": mem_total,
-        "os": f"{platform.system()} {platform.release()} {platform.machine()}",
-        "python": platform.python_version(),
-        "onnxruntime": _version("onnxruntime"),
-        "onnx": _version("onnx"),
-        "torch": _version("torch"),
-        "transformers": _version("transformers"),
-        "tokenizers": _version("tokenizers"),
-        "numpy": _version("numpy"),
-        "kolite": _version("kolite"),
-        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "loadavg_at_start": [round(x, 2) for x in os.getloadavg()],
-    }
+    info = kolite_machine(default_threads())
+    info.update({name: version(name) for name in ("onnx", "torch", "transformers", "tokenizers")})
+    info["loadavg_at_start"] = [round(x, 2) for x in os.getloadavg()]
+    return info
 
 
-def _usable_cpus() -> int:
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # pragma: no cover - non-Linux
-        return max(1, os.cpu_count() or 1)
-
-
-def _median(xs: list[float]) -> float:
+def median(xs: list[float]) -> float:
     return float(statistics.median(xs))
 
 
-def _summary(xs: list[float]) -> dict[str, float | list[float]]:
-    return {"median": round(_median(xs), 4), "min": round(min(xs), 4), "max": round(max(xs), 4),
+def summary(xs: list[float]) -> dict[str, float | list[float]]:
+    return {"median": round(median(xs), 4), "min": round(min(xs), 4), "max": round(max(xs), 4),
             "all": [round(x, 4) for x in xs]}
 
 
-def _decode_rate(stamps: list[float]) -> float:
+def decode_rate(stamps: list[float]) -> float:
     """As `kolite.bench.decode_rate`, kept here so the reference engines' processes never import kolite."""
     if len(stamps) < 2 or stamps[-1] <= stamps[0]:
         return float("nan")
@@ -221,7 +167,7 @@ def _decode_rate(stamps: list[float]) -> float:
 # worker: prepare (checkpoint + tokenizer + prompt)
 
 
-def _sha256(path: Path) -> str:
+def sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as fh:
         for block in iter(lambda: fh.read(1 << 20), b""):
@@ -229,7 +175,7 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _korean_lines() -> list[str]:
+def korean_lines() -> list[str]:
     """Real Korean text: ChatbotData's question/answer rows in file order, else a built-in sample."""
     if CHATBOT_CSV.is_file():
         with open(CHATBOT_CSV, encoding="utf-8", newline="") as fh:
@@ -237,14 +183,14 @@ def _korean_lines() -> list[str]:
     return FALLBACK_TEXT * 200
 
 
-def _fallback_tokenizer(path: Path, vocab_size: int) -> Path:
+def fallback_tokenizer(path: Path, vocab_size: int) -> Path:
     """A byte-level BPE trained on Korean text with KoGPT2's specials at ids 0-6 (as tests/conftest.py)."""
     from kolite.models.synthetic import train_byte_level_bpe
 
-    return train_byte_level_bpe(path, _korean_lines()[:3000], min(vocab_size, 8000), KOGPT2_SPECIALS)
+    return train_byte_level_bpe(path, korean_lines()[:3000], min(vocab_size, 8000), KOGPT2_SPECIALS)
 
 
-def _model_shape(quick: bool):
+def model_shape(quick: bool):
     from dataclasses import replace
 
     from kolite.models.synthetic import KOGPT2_SHAPE
@@ -253,17 +199,17 @@ def _model_shape(quick: bool):
     return replace(KOGPT2_SHAPE, n_layer=2) if quick else KOGPT2_SHAPE
 
 
-def _ensure_checkpoint(folder: Path, shape, tokenizer_json: Path) -> tuple[bool, float]:
+def ensure_checkpoint(folder: Path, shape, tokenizer_json: Path) -> tuple[bool, float]:
     """Write the random checkpoint once; reuse it while shape, seed and tokenizer are unchanged."""
     from kolite.models.synthetic import ensure_checkpoint
 
-    stamp = {"shape": shape.to_dict(), "seed": SEED, "tokenizer_sha256": _sha256(tokenizer_json)}
+    stamp = {"shape": shape.to_dict(), "seed": SEED, "tokenizer_sha256": sha256(tokenizer_json)}
     started = time.perf_counter()
     written = ensure_checkpoint(folder, shape, seed=SEED, stamp=stamp, tokenizer_json=tokenizer_json)
     return written, (time.perf_counter() - started if written else 0.0)
 
 
-def _build_prompt(tokenizer_json: Path, n_tokens: int) -> dict[str, Any]:
+def build_prompt(tokenizer_json: Path, n_tokens: int) -> dict[str, Any]:
     """`n_tokens` ids of real Korean text whose decoded text encodes back to exactly the same ids.
 
     kolite is given the ids; the pipeline is given the text (as the original app was), so the window
@@ -274,7 +220,7 @@ def _build_prompt(tokenizer_json: Path, n_tokens: int) -> dict[str, Any]:
     from tokenizers import Tokenizer
 
     tok = Tokenizer.from_file(str(tokenizer_json))
-    lines = _korean_lines()
+    lines = korean_lines()
     text = ""
     ids: list[int] = []
     take = 64
@@ -300,38 +246,39 @@ def worker_prepare(spec: dict) -> dict:
     work = Path(spec["work_dir"])
     tokenizer_json = KOGPT2_TOKENIZER
     tokenizer_kind = "KoGPT2 tokenizer.json (fixture)"
-    shape = _model_shape(spec["quick"])
+    shape = model_shape(spec["quick"])
     if not tokenizer_json.is_file():
         tokenizer_json = work / "fallback-tokenizer" / "tokenizer.json"
         tokenizer_kind = "fallback byte-level BPE (KoGPT2 fixture absent)"
         if not tokenizer_json.is_file():
-            _fallback_tokenizer(tokenizer_json, shape.vocab_size)
+            fallback_tokenizer(tokenizer_json, shape.vocab_size)
     folder = work / ("kogpt2-shape-2layer-random" if spec["quick"] else "kogpt2-shape-random")
-    _log(f"checkpoint {folder} ...")
-    written, seconds = _ensure_checkpoint(folder, shape, tokenizer_json)
-    _log(("wrote" if written else "reusing") + f" random checkpoint ({seconds:.1f}s)")
-    prompt = _build_prompt(folder / "tokenizer.json", spec["prompt_tokens"])
+    log(f"checkpoint {folder} ...")
+    written, seconds = ensure_checkpoint(folder, shape, tokenizer_json)
+    log(("wrote" if written else "reusing") + f" random checkpoint ({seconds:.1f}s)")
+    prompt = build_prompt(folder / "tokenizer.json", spec["prompt_tokens"])
     n_params = (shape.vocab_size + shape.n_positions) * shape.n_embd + shape.n_layer * (
         12 * shape.n_embd * shape.n_embd + 13 * shape.n_embd) + 2 * shape.n_embd
     return {"model_dir": str(folder), "tokenizer_json": str(folder / "tokenizer.json"),
             "tokenizer_kind": tokenizer_kind, "shape": shape.to_dict(), "parameters": n_params,
             "checkpoint_written": written, "checkpoint_write_s": round(seconds, 2), "prompt": prompt,
-            "memory": _memory()}
+            "memory": memory()}
 
 
 # ====================================================================================================
 # worker: convert (kolite warm-up: fills the converted-graph cache)
 
 
-def _kolite_settings(spec: dict, precision: str):
+def kolite_settings(spec: dict, precision: str):
+    """kolite's settings for a worker: the spec's model, threads and kolite home (default: the work dir's)."""
     from kolite.config import ModelSettings
 
-    return ModelSettings(model=spec["model_dir"], precision=precision,
-                         kolite_home=Path(spec["work_dir"]) / "kolite-home", threads=spec["threads"],
+    home = spec.get("kolite_home") or Path(spec["work_dir"]) / "kolite-home"
+    return ModelSettings(model=spec["model_dir"], precision=precision, kolite_home=home, threads=spec["threads"],
                          local_files_only=True)
 
 
-def _manifest(lm) -> dict:
+def manifest_of(lm) -> dict:
     """The converted graph's manifest without the bulky parts (config, source fingerprint)."""
     return {k: v for k, v in lm.prepared.manifest.items() if k not in ("config", "source")}
 
@@ -341,19 +288,19 @@ def worker_convert(spec: dict) -> dict:
 
     precision = spec["precision"]
     started = time.perf_counter()
-    lm = load_model(_kolite_settings(spec, precision), progress=lambda m: _log(f"kolite {precision}: {m}"))
+    lm = load_model(kolite_settings(spec, precision), progress=lambda m: log(f"kolite {precision}: {m}"))
     seconds = time.perf_counter() - started
     graph = lm.prepared.graph
     size = sum(p.stat().st_size for p in graph.parent.iterdir() if p.is_file())
     return {"precision": precision, "converted": lm.prepared.converted, "seconds": round(seconds, 2),
-            "graph": str(graph), "graph_mb": round(size / 2**20, 1), "manifest": _manifest(lm), "memory": _memory()}
+            "graph": str(graph), "graph_mb": round(size / 2**20, 1), "manifest": manifest_of(lm), "memory": memory()}
 
 
 # ====================================================================================================
 # worker: one engine, timed
 
 
-def _timed_runs(engine_call, prompt: Any, new_tokens: int, repeats: int) -> dict:
+def timed_runs(engine_call, prompt: Any, new_tokens: int, repeats: int) -> dict:
     """Cold first call (1 token), one untimed full call (warms the decode path, e.g. growing-cache
     shapes and allocator), then `repeats` x (TTFT call with 1 new token, full call with `new_tokens`)."""
     cold = engine_call(prompt, 1)
@@ -369,15 +316,15 @@ def _timed_runs(engine_call, prompt: Any, new_tokens: int, repeats: int) -> dict
             raise RuntimeError(f"expected {new_tokens} tokens, got {len(stamps)}")
         e2e.append(full["end"] - full["start"])
         ttft_stream.append(stamps[0] - full["start"])
-        rate.append(_decode_rate(stamps))
+        rate.append(decode_rate(stamps))
         if r == 0:
             first_ids = list(full["ids"])
-        _log(f"  repeat {r + 1}/{repeats}: ttft {ttft[-1]:.3f}s, decode {rate[-1]:.1f} tok/s, "
+        log(f"  repeat {r + 1}/{repeats}: ttft {ttft[-1]:.3f}s, decode {rate[-1]:.1f} tok/s, "
              f"e2e {e2e[-1]:.2f}s")
     return {"cold_first_call_s": round(cold["end"] - cold["start"], 4),
-            "warmup_full_call_s": round(warm["end"] - warm["start"], 4), "ttft_s": _summary(ttft),
-            "ttft_in_stream_s": _summary(ttft_stream), "e2e_s": _summary(e2e),
-            "decode_tok_s": _summary(rate), "generated_ids": first_ids}
+            "warmup_full_call_s": round(warm["end"] - warm["start"], 4), "ttft_s": summary(ttft),
+            "ttft_in_stream_s": summary(ttft_stream), "e2e_s": summary(e2e),
+            "decode_tok_s": summary(rate), "generated_ids": first_ids}
 
 
 def worker_kolite(spec: dict) -> dict:
@@ -388,13 +335,13 @@ def worker_kolite(spec: dict) -> dict:
     from kolite.service import load_model
 
     t_import = time.perf_counter()
-    mem_import = _memory()
+    mem_import = memory()
     precision = spec["precision"]
-    lm = load_model(_kolite_settings(spec, precision))
+    lm = load_model(kolite_settings(spec, precision))
     t_load = time.perf_counter()
-    mem_load = _memory()
+    mem_load = memory()
     if lm.prepared.converted:
-        _log(f"WARNING: kolite {precision} converted during the timed load (the warm-up should have)")
+        log(f"WARNING: kolite {precision} converted during the timed load (the warm-up should have)")
 
     sched = Scheduler(lm.runtime, SchedulerOptions(timeout=None))  # what `kolite serve` runs
 
@@ -404,15 +351,15 @@ def worker_kolite(spec: dict) -> dict:
         t = time_request(sched, seq)
         return {"start": t.start, "end": t.end, "stamps": t.stamps, "ids": t.token_ids}
 
-    runs = _timed_runs(call, spec["prompt"]["ids"], spec["new_tokens"], spec["repeats"])
+    runs = timed_runs(call, spec["prompt"]["ids"], spec["new_tokens"], spec["repeats"])
     sched.stop()
     so = lm.runtime.session.get_session_options()
     return {
         "engine": f"kolite-{precision}", "import_s": round(t_import - t0, 3), "load_s": round(t_load - t_import, 3),
         "loaded_from_cache": not lm.prepared.converted, "prompt_tokens": len(spec["prompt"]["ids"]),
         "new_tokens": spec["new_tokens"], "threads": so.intra_op_num_threads,
-        "graph": str(lm.prepared.graph), "manifest": _manifest(lm), "torch_imported": "torch" in sys.modules,
-        **runs, "memory_after_import": mem_import, "memory_after_load": mem_load, "memory_end": _memory(),
+        "graph": str(lm.prepared.graph), "manifest": manifest_of(lm), "torch_imported": "torch" in sys.modules,
+        **runs, "memory_after_import": mem_import, "memory_after_load": mem_load, "memory_end": memory(),
     }
 
 
@@ -448,7 +395,7 @@ def worker_pipeline(spec: dict) -> dict:
     from transformers import PreTrainedTokenizerFast, pipeline
 
     t_import = time.perf_counter()
-    mem_import = _memory()
+    mem_import = memory()
     torch.set_num_threads(spec["threads"])
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_file=spec["tokenizer_json"], bos_token="</s>", eos_token="</s>", unk_token="<unk>",
@@ -456,7 +403,7 @@ def worker_pipeline(spec: dict) -> dict:
     )
     generator = pipeline("text-generation", model=spec["model_dir"], tokenizer=tokenizer, device="cpu")
     t_load = time.perf_counter()
-    mem_load = _memory()
+    mem_load = memory()
 
     text = spec["prompt"]["text"]
     # The pipeline encodes without special tokens (add_special_tokens=False in its preprocess).
@@ -470,14 +417,14 @@ def worker_pipeline(spec: dict) -> dict:
         return {"start": start, "end": end, "stamps": streamer.times, "ids": streamer.ids}
 
     with torch.inference_mode():
-        runs = _timed_runs(call, text, spec["new_tokens"], spec["repeats"])
+        runs = timed_runs(call, text, spec["new_tokens"], spec["repeats"])
     return {
         "engine": "pipeline", "import_s": round(t_import - t0, 3), "load_s": round(t_load - t_import, 3),
         "prompt_tokens": len(pipe_ids), "prompt_ids_identical": pipe_ids == spec["prompt"]["ids"],
         "new_tokens": spec["new_tokens"], "threads": torch.get_num_threads(),
         "interop_threads": torch.get_num_interop_threads(),
         "dtype": str(generator.model.dtype), "model_class": type(generator.model).__name__,
-        **runs, "memory_after_import": mem_import, "memory_after_load": mem_load, "memory_end": _memory(),
+        **runs, "memory_after_import": mem_import, "memory_after_load": mem_load, "memory_end": memory(),
     }
 
 
@@ -497,7 +444,7 @@ def worker_probe(spec: dict) -> dict:
             t = time.perf_counter()
             fn()
             times.append(time.perf_counter() - t)
-        return _median(times)
+        return median(times)
 
     a = np.ones((512, 768), np.float32)
     b = np.ones((768, 3072), np.float32)
@@ -513,11 +460,14 @@ WORKERS = {"prepare": worker_prepare, "convert": worker_convert, "kolite": worke
            "pipeline": worker_pipeline, "probe": worker_probe}
 
 
-def worker_main(argv: list[str]) -> int:
+def worker_main(argv: list[str], workers: dict | None = None) -> int:
+    """One worker in this process (`KIND SPEC.json OUT.json`): its result, the kolite it ran, peak memory."""
     kind, spec_path, out_path = argv
     spec = json.loads(Path(spec_path).read_text(encoding="utf-8"))
-    result = WORKERS[kind](spec)
-    peak = _memory()
+    sha = kolite_source()["sha256"]  # kolite is edited while benchmarks run: record what this process ran
+    result = (workers or WORKERS)[kind](spec)
+    result["kolite_sha"] = sha
+    peak = memory()
     result["memory_peak"] = {k: peak[k] for k in ("vmhwm_mb", "ru_maxrss_mb")}
     result["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]
     Path(out_path).write_text(json.dumps(result, ensure_ascii=False), encoding="utf-8")
@@ -528,7 +478,7 @@ def worker_main(argv: list[str]) -> int:
 # orchestrator
 
 
-def _run_worker(kind: str, spec: dict, scratch: Path, extra_env: dict[str, str] | None = None, *,
+def run_worker(kind: str, spec: dict, scratch: Path, extra_env: dict[str, str] | None = None, *,
                 name: str | None = None, script: Path | None = None) -> dict:
     """Run one worker of `script` (default: this file) in a fresh interpreter; its result comes back
     through a JSON file. compare.py uses it for its own workers."""
@@ -556,7 +506,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
                     help="smoke test: 2-layer KoGPT2-width model, 64-token prompt, 16 new tokens, 1 repeat")
     ap.add_argument("--engines", default=",".join(ENGINES),
                     help=f"comma-separated subset of {', '.join(ENGINES)} (aliases: int8, fp32, hf)")
-    ap.add_argument("--threads", type=int, default=_usable_cpus(), help="threads for every engine (default: CPUs)")
+    ap.add_argument("--threads", type=int, default=default_threads(), help="threads for every engine (default: CPUs)")
     ap.add_argument("--work-dir", type=Path, default=DEFAULT_OUT / "work",
                     help="cache for the random checkpoint and kolite's converted graphs")
     ap.add_argument("--new-tokens", type=int, default=None, help="new tokens per generation (default 128)")
@@ -638,7 +588,7 @@ def render_table(results: dict[str, dict], args: argparse.Namespace) -> str:
     return "\n".join(lines)
 
 
-def _agreement(a: list[int], b: list[int]) -> int:
+def agreement(a: list[int], b: list[int]) -> int:
     n = 0
     for x, y in zip(a, b, strict=False):
         if x != y:
@@ -662,8 +612,8 @@ def main(argv: list[str] | None = None) -> int:
     }
     status = 0
     try:
-        _log("prepare: random checkpoint, tokenizer, prompt")
-        prep = _run_worker("prepare", base, scratch)
+        log("prepare: random checkpoint, tokenizer, prompt")
+        prep = run_worker("prepare", base, scratch)
         spec = {**base, "model_dir": prep["model_dir"], "tokenizer_json": prep["tokenizer_json"],
                 "prompt": prep["prompt"]}
         report["model"] = {k: prep[k] for k in ("model_dir", "tokenizer_kind", "shape", "parameters",
@@ -677,38 +627,38 @@ def main(argv: list[str] | None = None) -> int:
         for engine in args.engines:
             if engine.startswith("kolite"):
                 precision = engine.removeprefix("kolite-")
-                _log(f"warm-up: kolite {precision} conversion (or cache check)")
-                conv = _run_worker("convert", {**spec, "precision": precision}, scratch)
+                log(f"warm-up: kolite {precision} conversion (or cache check)")
+                conv = run_worker("convert", {**spec, "precision": precision}, scratch)
                 report["warmup_conversion"][precision] = conv
-                _log(f"  {'converted' if conv['converted'] else 'cached'} in {conv['seconds']:.1f}s, "
+                log(f"  {'converted' if conv['converted'] else 'cached'} in {conv['seconds']:.1f}s, "
                      f"graph {conv['graph_mb']:.0f} MB, peak RSS {conv['memory_peak']['vmhwm_mb']:.0f} MB")
 
         results: dict[str, dict] = {}
         for engine in args.engines:
-            _log(f"engine {engine}: fresh process, {args.threads} threads")
+            log(f"engine {engine}: fresh process, {args.threads} threads")
             kind = "pipeline" if engine == "pipeline" else "kolite"
             threads = str(args.threads)
-            probe = _run_worker("probe", spec, scratch, {"OMP_NUM_THREADS": threads,
+            probe = run_worker("probe", spec, scratch, {"OMP_NUM_THREADS": threads,
                                                          "OPENBLAS_NUM_THREADS": threads, "MKL_NUM_THREADS": threads})
-            _log(f"  machine probe: gemm {probe['gemm_gflops']} GFLOP/s, gemv {probe['gemv_gbps']} GB/s")
+            log(f"  machine probe: gemm {probe['gemm_gflops']} GFLOP/s, gemv {probe['gemv_gbps']} GB/s")
             try:
-                results[engine] = _run_worker(kind, {**spec, "precision": engine.removeprefix("kolite-")}, scratch)
+                results[engine] = run_worker(kind, {**spec, "precision": engine.removeprefix("kolite-")}, scratch)
                 results[engine]["probe_before"] = probe
             except RuntimeError as exc:
-                _log(f"  {exc}")
+                log(f"  {exc}")
                 results[engine] = {"error": str(exc)}
                 status = 1
         report["results"] = results
 
         ref = results.get("pipeline", {}).get("generated_ids")
         report["greedy_agreement_with_pipeline"] = {
-            e: _agreement(r["generated_ids"], ref) for e, r in results.items()
+            e: agreement(r["generated_ids"], ref) for e, r in results.items()
             if ref and e != "pipeline" and "generated_ids" in r
         }
         machine["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]
         report["kolite_source_at_end"] = kolite_source()
         if report["kolite_source_at_end"]["sha256"] != report["kolite_source_at_start"]["sha256"]:
-            _log("WARNING: kolite's sources changed during the run; engines may have measured different code")
+            log("WARNING: kolite's sources changed during the run; engines may have measured different code")
         table = render_table(results, args)
         report["table_markdown"] = table
     finally:
@@ -716,9 +666,8 @@ def main(argv: list[str] | None = None) -> int:
 
     header = [
         f"bench_core  {machine['date']}",
-        f"machine: {machine['cpu_model']} | {machine['usable_cpus']} usable CPUs "
-        f"({machine['physical_cores']} physical) | {machine['memory_gb']} GB | {machine['os']} | "
-        f"flags {' '.join(machine['cpu_flags'])}",
+        f"machine: {machine['cpu']} | {machine['usable_cores']} usable CPUs of {machine['cores']} | "
+        f"{machine['memory_gb']} GB | {machine['os']} | {' '.join(machine['cpu_features']['features'])}",
         f"versions: python {machine['python']}, onnxruntime {machine['onnxruntime']}, torch {machine['torch']}, "
         f"transformers {machine['transformers']}, kolite {machine['kolite']} "
         f"(sources {report['kolite_source_at_start']['sha256']}, newest file "
@@ -747,7 +696,7 @@ def main(argv: list[str] | None = None) -> int:
     for path in {out, *([args.json] if args.json else [])}:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-        _log(f"wrote {path}")
+        log(f"wrote {path}")
     return status
 
 

@@ -35,6 +35,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import bench_core  # noqa: E402  (shares the checkpoint, tokenizer and machine description)
 from kolite.bench import peak_rss_mb, reset_peak_rss, rss_mb, write_json  # noqa: E402  (any process's memory, by pid)
+from kolite.config import default_threads  # noqa: E402
 
 
 def _free_port() -> int:
@@ -119,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--clients", default="1,4,8", help="comma-separated concurrency levels")
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--precision", default="int8", choices=["int8", "fp32"])
-    ap.add_argument("--threads", type=int, default=bench_core._usable_cpus())
+    ap.add_argument("--threads", type=int, default=default_threads())
     ap.add_argument("--max-batch", type=int, default=8)
     ap.add_argument("--repeats", type=int, default=2, help="runs per level; the best is reported")
     ap.add_argument("--quick", action="store_true", help="2-layer KoGPT2-width model: a smoke test")
@@ -128,13 +129,13 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     levels = [int(x) for x in args.clients.split(",")]
 
-    shape = bench_core._model_shape(args.quick)
+    shape = bench_core.model_shape(args.quick)
     tokenizer_json = bench_core.KOGPT2_TOKENIZER
     if not tokenizer_json.is_file():
-        tokenizer_json = bench_core._fallback_tokenizer(args.work_dir / "fallback-tokenizer.json", shape.vocab_size)
+        tokenizer_json = bench_core.fallback_tokenizer(args.work_dir / "fallback-tokenizer.json", shape.vocab_size)
     model_dir = args.work_dir / ("kogpt2-shape-2layer-random" if args.quick else "kogpt2-shape-random")
-    bench_core._ensure_checkpoint(model_dir, shape, tokenizer_json)
-    lines = bench_core._korean_lines()
+    bench_core.ensure_checkpoint(model_dir, shape, tokenizer_json)
+    lines = bench_core.korean_lines()
     prompts = [" ".join(lines[i * 3:(i + 1) * 3]) for i in range(max(levels))]  # ~30-token Korean prompts
 
     port = _free_port()

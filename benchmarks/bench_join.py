@@ -28,6 +28,7 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import bench_core  # noqa: E402  (shares the checkpoint, tokenizer and machine description)
+from kolite.config import default_threads  # noqa: E402
 
 
 class _Stamps:
@@ -84,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--running", type=int, default=4, help="streams decoding when the long prompt joins")
     ap.add_argument("--prompt-tokens", type=int, default=900)
-    ap.add_argument("--threads", type=int, default=bench_core._usable_cpus())
+    ap.add_argument("--threads", type=int, default=default_threads())
     ap.add_argument("--work-dir", type=Path, default=bench_core.DEFAULT_OUT / "work")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args(argv)
@@ -93,12 +94,12 @@ def main(argv: list[str] | None = None) -> int:
     from kolite.engine import runtime
     from kolite.service import load_model
 
-    shape = bench_core._model_shape(False)
+    shape = bench_core.model_shape(False)
     tokenizer_json = bench_core.KOGPT2_TOKENIZER
     if not tokenizer_json.is_file():
-        tokenizer_json = bench_core._fallback_tokenizer(args.work_dir / "fallback-tokenizer.json", shape.vocab_size)
+        tokenizer_json = bench_core.fallback_tokenizer(args.work_dir / "fallback-tokenizer.json", shape.vocab_size)
     model_dir = args.work_dir / "kogpt2-shape-random"
-    bench_core._ensure_checkpoint(model_dir, shape, tokenizer_json)
+    bench_core.ensure_checkpoint(model_dir, shape, tokenizer_json)
     model = load_model(ModelSettings(model=str(model_dir), kolite_home=args.work_dir / "kolite-home",
                                      threads=args.threads))
     settings = {"chunked (256 tokens per step)": runtime.PREFILL_CHUNK, "whole prompt in one step": shape.n_positions}

@@ -45,11 +45,11 @@ def _runtime(model: Path, home: Path, precision: str, kv_cache: str, threads: in
 
 def speed(home: Path, threads: int, repeats: int) -> dict[str, Any]:
     work = bench_core.DEFAULT_OUT / "work"
-    folder, shape = work / "kogpt2-shape-random", bench_core._model_shape(False)
+    folder, shape = work / "kogpt2-shape-random", bench_core.model_shape(False)
     tokenizer = bench_core.KOGPT2_TOKENIZER
     if not tokenizer.is_file():
-        tokenizer = bench_core._fallback_tokenizer(work / "fallback-tokenizer.json", shape.vocab_size)
-    bench_core._ensure_checkpoint(folder, shape, tokenizer)
+        tokenizer = bench_core.fallback_tokenizer(work / "fallback-tokenizer.json", shape.vocab_size)
+    bench_core.ensure_checkpoint(folder, shape, tokenizer)
     runtimes = {kv: _runtime(folder, home, "int8", kv, threads) for kv in ("float", "int8")}
     ids = np.random.default_rng(0).integers(100, 50000, max(PROMPTS)).tolist()
     runs: dict[str, dict[str, list[float]]] = {kv: {} for kv in runtimes}

@@ -44,6 +44,7 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import bench_core  # noqa: E402  (the shared random checkpoint, Korean text and machine description)
+from kolite.config import default_threads  # noqa: E402
 
 MB = 2**20
 PAGE = mmap.PAGESIZE
@@ -144,7 +145,7 @@ def _prompt_ids(args: argparse.Namespace, n: int, k: int) -> list[int]:
     if tok.is_file():
         from tokenizers import Tokenizer
 
-        lines = bench_core._korean_lines()
+        lines = bench_core.korean_lines()
         ids = Tokenizer.from_file(str(tok)).encode(" ".join(lines[k * 40:(k + 1) * 40])).ids
         if len(ids) >= n:
             return ids[:n]
@@ -286,7 +287,7 @@ def phase_http(args: argparse.Namespace, pool: int) -> dict[str, Any]:
 
     import bench_http
 
-    lines = bench_core._korean_lines()
+    lines = bench_core.korean_lines()
     tok = Tokenizer.from_file(str(bench_core.KOGPT2_TOKENIZER)) if bench_core.KOGPT2_TOKENIZER.is_file() else None
     prompts = []
     for k in range(args.streams):  # ~prompt_tokens tokens of Korean text per client
@@ -369,11 +370,11 @@ def _run_phase(args: argparse.Namespace, phase: str, pool: int | None = None) ->
 
 
 def _prepare(args: argparse.Namespace) -> None:
-    shape = bench_core._model_shape(args.quick)
+    shape = bench_core.model_shape(args.quick)
     tokenizer_json = bench_core.KOGPT2_TOKENIZER
     if not tokenizer_json.is_file():
-        tokenizer_json = bench_core._fallback_tokenizer(args.work_dir / "fallback-tokenizer.json", shape.vocab_size)
-    bench_core._ensure_checkpoint(args.model_dir, shape, tokenizer_json)
+        tokenizer_json = bench_core.fallback_tokenizer(args.work_dir / "fallback-tokenizer.json", shape.vocab_size)
+    bench_core.ensure_checkpoint(args.model_dir, shape, tokenizer_json)
     subprocess.run([sys.executable, "-m", "kolite.cli", "pull", str(args.model_dir), "--precision", "int8",
                     "--kolite-home", str(args.home)], check=True, capture_output=True)
 
@@ -409,7 +410,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--prompt-tokens", type=int, default=100)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--max-batch", type=int, default=8)
-    ap.add_argument("--threads", type=int, default=bench_core._usable_cpus())
+    ap.add_argument("--threads", type=int, default=default_threads())
     ap.add_argument("--trim-after", type=int, default=None,
                     help="serve: trim the C heap after prompts of at least this many tokens (the scheduler's "
                     "LONG_PROMPT; default: kolite's own)")

@@ -36,7 +36,6 @@ the pipeline's model through `generate` (greedy, `min_new_tokens == max_new_toke
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import shutil
@@ -49,13 +48,23 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import bench_core as core  # noqa: E402  (checkpoints, prompts text, machine description, memory)
+from compare_engines import (  # noqa: E402
+    BATCHED,
+    ENGINES,
+    KoliteEngine,
+    LlamaEngine,
+    TransformersEngine,
+    argmax,
+    greedy,
+    open_engine,
+    run_lengths,
+)
+from compare_gguf import GGUF_KINDS, ensure_gguf, llama_log_lines  # noqa: E402
+from compare_report import check_summary, get, render_tables  # noqa: E402
+from kolite.config import default_threads  # noqa: E402
 
-ENGINES = ("kolite-int8", "kolite-fp32", "kolite-int4", "llama-Q8_0", "llama-Q4_0", "transformers")
-BATCHED = ("kolite-int8", "kolite-fp32", "kolite-int4", "llama-Q8_0", "llama-Q4_0")
 MODELS = ("kogpt2", "distilgpt2")
 GPT2_TOKENIZER = core.FIXTURES / "gpt2-tokenizer" / "tokenizer.json"
-GGUF_WRITER_VERSION = 1  # bump when the GGUF layout written here changes: cached files are rewritten
-GGUF_KINDS = ("F32", "Q8_0", "Q4_0")
 AGREE_TOKENS = 64
 
 
@@ -84,7 +93,7 @@ def _tokenizer_json(model: str, work: Path, vocab_size: int) -> tuple[Path, str]
         return GPT2_TOKENIZER, "GPT-2 tokenizer.json (fixture; distilgpt2 uses it unchanged)"
     path = work / "fallback-tokenizer" / "tokenizer.json"
     if not path.is_file():
-        core._fallback_tokenizer(path, vocab_size)
+        core.fallback_tokenizer(path, vocab_size)
     return path, "fallback byte-level BPE (fixture absent)"
 
 
@@ -95,7 +104,7 @@ def _text_ids(tokenizer_json: Path, n: int) -> list[int]:
     from tokenizers import Tokenizer
 
     tok = Tokenizer.from_file(str(tokenizer_json))
-    lines = core._korean_lines()
+    lines = core.korean_lines()
     take = 64
     while True:
         text = " ".join((lines * (1 + take // max(1, len(lines))))[:take])
@@ -105,199 +114,6 @@ def _text_ids(tokenizer_json: Path, n: int) -> list[int]:
         take *= 2
 
 
-def _lengths(args_like: dict) -> dict[str, int]:
-    quick = args_like["quick"]
-    return {"short": 16, "ttft": 128 if quick else 512, "long": 224 if quick else 868,
-            "long_new": 16 if quick else 64}
-
-
-# ====================================================================================================
-# GGUF: F32 written here (as convert_hf_to_gguf.py writes GPT-2), Q8_0/Q4_0 by llama.cpp's quantizer
-
-
-def _gguf_vocab(tokenizer_json: Path, vocab_size: int, profile) -> dict[str, Any]:
-    """A `gpt2` (BPE) tokenizer section from tokenizer.json: tokens by id, types, merges, special ids.
-
-    llama.cpp needs a vocab to load a model and checks it against the embedding's rows; it is never
-    asked to tokenize here. Ids the tokenizer lacks (a small fallback tokenizer) become unused pads.
-    """
-    import gguf
-
-    raw = json.loads(tokenizer_json.read_text(encoding="utf-8"))
-    model = raw["model"]
-    tokens: list[str | None] = [None] * vocab_size
-    types = [int(gguf.TokenType.NORMAL)] * vocab_size
-    for piece, i in model["vocab"].items():
-        if i < vocab_size:
-            tokens[i] = piece
-    for added in raw.get("added_tokens") or ():
-        i = int(added["id"])
-        if i < vocab_size:
-            tokens[i] = added["content"]
-            types[i] = int(gguf.TokenType.CONTROL if added.get("special") else gguf.TokenType.USER_DEFINED)
-    for i, piece in enumerate(tokens):
-        if piece is None:
-            tokens[i] = f"[PAD{i}]"
-            types[i] = int(gguf.TokenType.UNUSED)
-    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges") or ()]
-    index = {t: i for i, t in enumerate(tokens)}
-    special = {key: index.get(getattr(profile, f"{key}_token")) for key in ("bos", "eos", "unk", "pad")}
-    return {"tokens": tokens, "types": types, "merges": merges, "special": special,
-            "pre": "gpt-2" if profile.name == "gpt2" else "default"}
-
-
-def _write_gguf_f32(model_dir: Path, out: Path) -> dict[str, Any]:
-    """GPT-2 in llama.cpp's layout. Tensor names and the Conv1D transposes follow convert_hf_to_gguf.py's
-    GPT2Model: HF's Conv1D stores [in, out]; llama.cpp wants ggml {in, out}, i.e. numpy [out, in].
-    No `output.weight`: llama.cpp ties the head to `token_embd` when it is absent (as the converter does)."""
-    import gguf
-    import numpy as np
-
-    from kolite.models.gpt2_keys import gpt2_weights
-    from kolite.models.gpt2config import GPT2Config
-    from kolite.models.profiles import profile_for
-    from kolite.models.weights import load_state_dict
-
-    cfg = GPT2Config.from_file(model_dir / "config.json")
-    w = gpt2_weights(load_state_dict(model_dir), cfg)
-    writer = gguf.GGUFWriter(str(out), "gpt2")
-    writer.add_name(model_dir.name)
-    writer.add_context_length(cfg.n_positions)
-    writer.add_embedding_length(cfg.n_embd)
-    writer.add_feed_forward_length(cfg.inner_dim)
-    writer.add_block_count(cfg.n_layer)
-    writer.add_head_count(cfg.n_head)
-    writer.add_layer_norm_eps(cfg.layer_norm_epsilon)
-    writer.add_file_type(gguf.LlamaFileType.ALL_F32)
-
-    tokenizer_json = model_dir / "tokenizer.json"
-    vocab = _gguf_vocab(tokenizer_json, cfg.vocab_size, profile_for(model_dir.name, tokenizer_json))
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre(vocab["pre"])
-    writer.add_token_list(vocab["tokens"])
-    writer.add_token_types(vocab["types"])
-    writer.add_token_merges(vocab["merges"])
-    for key, add in (("bos", writer.add_bos_token_id), ("eos", writer.add_eos_token_id),
-                     ("unk", writer.add_unk_token_id), ("pad", writer.add_pad_token_id)):
-        if vocab["special"][key] is not None:
-            add(vocab["special"][key])
-    writer.add_add_bos_token(False)
-
-    def put(name: str, arr: np.ndarray) -> None:
-        writer.add_tensor(name, np.ascontiguousarray(arr, dtype=np.float32))
-
-    t = "transformer."
-    put("token_embd.weight", w[t + "wte.weight"])
-    put("position_embd.weight", w[t + "wpe.weight"])
-    put("output_norm.weight", w[t + "ln_f.weight"])
-    put("output_norm.bias", w[t + "ln_f.bias"])
-    for i in range(cfg.n_layer):
-        p, b = f"{t}h.{i}.", f"blk.{i}."
-        put(b + "attn_norm.weight", w[p + "ln_1.weight"])
-        put(b + "attn_norm.bias", w[p + "ln_1.bias"])
-        put(b + "attn_qkv.weight", w[p + "attn.c_attn.weight"].T)
-        put(b + "attn_qkv.bias", w[p + "attn.c_attn.bias"])
-        put(b + "attn_output.weight", w[p + "attn.c_proj.weight"].T)
-        put(b + "attn_output.bias", w[p + "attn.c_proj.bias"])
-        put(b + "ffn_norm.weight", w[p + "ln_2.weight"])
-        put(b + "ffn_norm.bias", w[p + "ln_2.bias"])
-        put(b + "ffn_up.weight", w[p + "mlp.c_fc.weight"].T)
-        put(b + "ffn_up.bias", w[p + "mlp.c_fc.bias"])
-        put(b + "ffn_down.weight", w[p + "mlp.c_proj.weight"].T)
-        put(b + "ffn_down.bias", w[p + "mlp.c_proj.bias"])
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return {"tokens": len(vocab["tokens"]), "merges": len(vocab["merges"]), "special_ids": vocab["special"],
-            "tokenizer_pre": vocab["pre"]}
-
-
-_LLAMA_LOG: list[str] = []
-_LLAMA_LOG_CB = None
-
-
-def _quiet_llama() -> None:
-    """Send llama.cpp's log to a list (kept in the JSON) instead of stderr."""
-    global _LLAMA_LOG_CB
-    import llama_cpp as L
-
-    if _LLAMA_LOG_CB is None:
-        def keep(level: int, text: bytes, _user: Any) -> None:
-            if text and len(_LLAMA_LOG) < 4000:
-                _LLAMA_LOG.append(text.decode("utf-8", "replace"))
-
-        _LLAMA_LOG_CB = L.llama_log_callback(keep)
-        L.llama_log_set(_LLAMA_LOG_CB, None)
-        L.llama_backend_init()
-
-
-def _llama_log_lines(keywords: tuple[str, ...]) -> list[str]:
-    lines = "".join(_LLAMA_LOG).splitlines()
-    return [s.strip() for s in lines if any(k in s for k in keywords)]
-
-
-def _quantize_gguf(src: Path, dst: Path, kind: str, threads: int) -> None:
-    """llama.cpp's own quantizer with llama-quantize's defaults (not --pure): GPT-2's head is tied to
-    token_embd, so for Q4_0 llama.cpp stores token_embd as Q6_K (its rule for output tensors)."""
-    import llama_cpp as L
-
-    _quiet_llama()
-    params = L.llama_model_quantize_default_params()
-    params.nthread = threads
-    params.ftype = {"Q8_0": L.LLAMA_FTYPE_MOSTLY_Q8_0, "Q4_0": L.LLAMA_FTYPE_MOSTLY_Q4_0}[kind]
-    rc = L.llama_model_quantize(str(src).encode(), str(dst).encode(), params)
-    if rc != 0:
-        raise RuntimeError(f"llama_model_quantize({kind}) failed with {rc}")
-
-
-def _gguf_tensor_types(path: Path) -> dict[str, Any]:
-    import gguf
-
-    reader = gguf.GGUFReader(str(path))
-    counts: dict[str, int] = {}
-    for t in reader.tensors:
-        counts[t.tensor_type.name] = counts.get(t.tensor_type.name, 0) + 1
-    named = {t.name: t.tensor_type.name for t in reader.tensors
-             if t.name in ("token_embd.weight", "position_embd.weight", "blk.0.attn_qkv.weight")}
-    return {"counts": counts, "examples": named}
-
-
-def _ensure_gguf(model_dir: Path, out_dir: Path, threads: int) -> dict[str, Any]:
-    """F32, Q8_0 and Q4_0 GGUFs of the checkpoint in `model_dir`, cached while the checkpoint is unchanged."""
-    import gguf
-    import llama_cpp
-
-    stamp = {"checkpoint": json.loads((model_dir / "bench-stamp.json").read_text(encoding="utf-8")),
-             "writer_version": GGUF_WRITER_VERSION, "gguf": core._version("gguf"),
-             "llama_cpp_python": llama_cpp.__version__}
-    paths = {k: out_dir / f"{model_dir.name}-{k}.gguf" for k in GGUF_KINDS}
-    stamp_file = out_dir / "gguf-stamp.json"
-    info: dict[str, Any] = {}
-    with contextlib.suppress(OSError, json.JSONDecodeError):
-        old = json.loads(stamp_file.read_text(encoding="utf-8"))
-        if old.get("stamp") == stamp and all(p.is_file() for p in paths.values()):
-            info = old["info"]
-            info["written"] = False
-    if not info:
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        out_dir.mkdir(parents=True)
-        started = time.perf_counter()
-        core._log(f"writing {paths['F32'].name} (gguf-py {gguf.__name__} {core._version('gguf')})")
-        info = {"vocab": _write_gguf_f32(model_dir, paths["F32"])}
-        info["f32_write_s"] = round(time.perf_counter() - started, 2)
-        for kind in ("Q8_0", "Q4_0"):
-            started = time.perf_counter()
-            core._log(f"quantizing to {kind} with llama.cpp's llama_model_quantize")
-            _quantize_gguf(paths["F32"], paths[kind], kind, threads)
-            info[f"{kind}_quantize_s"] = round(time.perf_counter() - started, 2)
-        info["types"] = {k: _gguf_tensor_types(p) for k, p in paths.items()}
-        stamp_file.write_text(json.dumps({"stamp": stamp, "info": info}, indent=2), encoding="utf-8")
-        info["written"] = True
-    info["paths"] = {k: str(p) for k, p in paths.items()}
-    info["mb"] = {k: round(p.stat().st_size / 2**20, 1) for k, p in paths.items()}
-    return info
 
 
 # ====================================================================================================
@@ -310,10 +126,10 @@ def worker_prepare(spec: dict) -> dict:
     shape = _shape(model, spec["quick"])
     tokenizer_json, tokenizer_kind = _tokenizer_json(model, work, shape.vocab_size)
     folder = work / _folder_name(model, spec["quick"])
-    written, seconds = core._ensure_checkpoint(folder, shape, tokenizer_json)
-    core._log(("wrote" if written else "reusing") + f" random checkpoint {folder.name} ({seconds:.1f}s)")
-    gguf_info = _ensure_gguf(folder, work / "gguf" / folder.name, spec["threads"])
-    n = _lengths(spec)
+    written, seconds = core.ensure_checkpoint(folder, shape, tokenizer_json)
+    core.log(("wrote" if written else "reusing") + f" random checkpoint {folder.name} ({seconds:.1f}s)")
+    gguf_info = ensure_gguf(folder, work / "gguf" / folder.name, spec["threads"])
+    n = run_lengths(spec)
     batch = spec["batch"]
     ids = _text_ids(folder / "tokenizer.json", max(n["long"], n["short"] * batch))
     prompts = {"short": ids[:n["short"]], "ttft": ids[:n["ttft"]], "long": ids[:n["long"]],
@@ -328,8 +144,8 @@ def worker_prepare(spec: dict) -> dict:
             "tokenizer_kind": tokenizer_kind, "shape": shape.to_dict(), "parameters": n_params,
             "checkpoint_written": written, "gguf": gguf_info, "prompts": prompts,
             "hf_special": {k: getattr(profile, f"{k}_token") for k in ("bos", "eos", "unk", "pad", "mask")},
-            "llama_log": _llama_log_lines(("quantiz", "size", "llama_model_quantize", "Q6_K")),
-            "memory": core._memory()}
+            "llama_log": llama_log_lines(("quantiz", "size", "llama_model_quantize", "Q6_K")),
+            "memory": core.memory()}
 
 
 def worker_int4_probe(spec: dict) -> dict:
@@ -341,276 +157,6 @@ def worker_int4_probe(spec: dict) -> dict:
     except Exception as exc:
         return {"int4": False, "reason": f"{type(exc).__name__}: {str(exc).splitlines()[0]}"}
     return {"int4": True}
-
-
-def _kolite_settings(spec: dict, precision: str):
-    from kolite.config import ModelSettings
-
-    return ModelSettings(model=spec["model_dir"], precision=precision, kolite_home=spec["kolite_home"],
-                         threads=spec["threads"], local_files_only=True)
-
-
-def worker_convert(spec: dict) -> dict:
-    from kolite.service import load_model
-
-    precision = spec["precision"]
-    started = time.perf_counter()
-    lm = load_model(_kolite_settings(spec, precision), progress=lambda m: core._log(f"kolite {precision}: {m}"))
-    seconds = time.perf_counter() - started
-    graph = lm.prepared.graph
-    size = sum(p.stat().st_size for p in graph.parent.iterdir() if p.is_file())
-    return {"precision": precision, "converted": lm.prepared.converted, "seconds": round(seconds, 2),
-            "graph": str(graph), "graph_mb": round(size / 2**20, 1), "manifest": core._manifest(lm)}
-
-
-# ====================================================================================================
-# engines: the same greedy work per token for every engine
-
-
-def _argmax(logits) -> int:
-    import numpy as np
-
-    return int(np.argmax(logits))
-
-
-class KoliteEngine:
-    def __init__(self, spec: dict, precision: str) -> None:
-        from kolite.service import load_model
-
-        self.lm = load_model(_kolite_settings(spec, precision))
-        self.runtime = self.lm.runtime
-        if self.lm.prepared.converted:
-            core._log(f"WARNING: kolite {precision} converted during the timed load (the warm-up should have)")
-
-    def info(self) -> dict:
-        graph = self.lm.prepared.graph
-        size = sum(p.stat().st_size for p in graph.parent.iterdir() if p.is_file())
-        so = self.runtime.session.get_session_options()
-        return {"threads": so.intra_op_num_threads, "graph": str(graph), "file_mb": round(size / 2**20, 1),
-                "manifest": core._manifest(self.lm), "torch_imported": "torch" in sys.modules}
-
-    def prefill(self, ids: list[int]):
-        return self.runtime.prefill(0, ids)[-1]
-
-    def step(self, token: int, pos: int):
-        return self.runtime.decode([token], [pos])[0]
-
-    def batched(self, prompts: list[list[int]], n: int) -> dict:
-        """`len(prompts)` sequences in slots 0..B-1; every step decodes all rows at once."""
-        import numpy as np
-
-        rt = self.runtime
-        rows = len(prompts)
-        rt.ensure_slots(rows)
-        start = time.perf_counter()
-        toks = [_argmax(rt.prefill(i, p)[-1]) for i, p in enumerate(prompts)]
-        lengths = [len(p) for p in prompts]
-        out = [[t] for t in toks]
-        prefilled = time.perf_counter()
-        for _ in range(n - 1):
-            logits = rt.decode(toks, lengths)
-            toks = np.argmax(logits, axis=1).tolist()
-            lengths = [x + 1 for x in lengths]
-            for row, t in zip(out, toks, strict=True):
-                row.append(t)
-        end = time.perf_counter()
-        return {"start": start, "prefilled": prefilled, "end": end, "ids": out}
-
-
-class LlamaEngine:
-    """llama.cpp through llama-cpp-python's low-level binding: llama_batch in, llama_decode, logits out."""
-
-    def __init__(self, path: str, threads: int, *, n_ctx: int = 1024, n_seq: int = 1, kv_f32: bool = False,
-                 flash_attn: int | None = None) -> None:
-        import llama_cpp as L
-
-        _quiet_llama()
-        self.L = L
-        mp = L.llama_model_default_params()
-        self.model = L.llama_model_load_from_file(path.encode(), mp)
-        if not self.model:
-            raise RuntimeError(f"llama.cpp could not load {path}: {''.join(_LLAMA_LOG[-5:])}")
-        cp = L.llama_context_default_params()
-        cp.n_ctx = n_ctx
-        cp.n_batch = n_ctx  # a whole prompt in one llama_decode call (n_ubatch stays at its default, 512)
-        cp.n_seq_max = n_seq
-        cp.n_threads = threads
-        cp.n_threads_batch = threads
-        cp.no_perf = False
-        if kv_f32:
-            cp.type_k = L.GGML_TYPE_F32
-            cp.type_v = L.GGML_TYPE_F32
-        if flash_attn is not None:  # default: LLAMA_FLASH_ATTN_TYPE_AUTO (on for this CPU build)
-            cp.flash_attn_type = flash_attn
-        self.params = {"n_ctx": cp.n_ctx, "n_batch": cp.n_batch, "n_ubatch": cp.n_ubatch, "n_seq_max": cp.n_seq_max,
-                       "n_threads": cp.n_threads, "n_threads_batch": cp.n_threads_batch,
-                       "type_k": cp.type_k, "type_v": cp.type_v, "flash_attn_type": cp.flash_attn_type,
-                       "kv_unified": bool(cp.kv_unified)}
-        self.ctx = L.llama_init_from_model(self.model, cp)
-        if not self.ctx:
-            raise RuntimeError(f"llama.cpp could not create a context: {''.join(_LLAMA_LOG[-5:])}")
-        self.memory = L.llama_get_memory(self.ctx)
-        self.n_vocab = L.llama_vocab_n_tokens(L.llama_model_get_vocab(self.model))
-        self.batch = L.llama_batch_init(n_ctx, 0, n_seq)
-        self.path = path
-
-    def close(self) -> None:
-        L = self.L
-        L.llama_batch_free(self.batch)
-        L.llama_free(self.ctx)
-        L.llama_model_free(self.model)
-
-    def info(self) -> dict:
-        L = self.L
-        desc = ctypes_buffer = None
-        with contextlib.suppress(Exception):
-            import ctypes
-
-            ctypes_buffer = ctypes.create_string_buffer(256)
-            L.llama_model_desc(self.model, ctypes_buffer, 256)
-            desc = ctypes_buffer.value.decode()
-        return {"threads": self.params["n_threads"], "context": self.params, "model_desc": desc,
-                "file_mb": round(Path(self.path).stat().st_size / 2**20, 1),
-                "model_size_mb": round(L.llama_model_size(self.model) / 2**20, 1),
-                "torch_imported": "torch" in sys.modules}
-
-    def _fill(self, tokens: list[int], positions: list[int], seqs: list[int], outputs: list[int]) -> None:
-        b = self.batch
-        b.n_tokens = len(tokens)
-        for i, (t, p, s, o) in enumerate(zip(tokens, positions, seqs, outputs, strict=True)):
-            b.token[i] = t
-            b.pos[i] = p
-            b.n_seq_id[i] = 1
-            b.seq_id[i][0] = s
-            b.logits[i] = o
-
-    def _decode(self) -> None:
-        rc = self.L.llama_decode(self.ctx, self.batch)
-        if rc != 0:
-            raise RuntimeError(f"llama_decode returned {rc}")
-
-    def _logits(self, rows: int):
-        import numpy as np
-
-        return np.ctypeslib.as_array(self.L.llama_get_logits(self.ctx), shape=(rows, self.n_vocab))
-
-    def reset(self) -> None:
-        self.L.llama_memory_clear(self.memory, True)
-
-    def prefill(self, ids: list[int]):
-        self.reset()
-        n = len(ids)
-        self._fill(ids, list(range(n)), [0] * n, [0] * (n - 1) + [1])
-        self._decode()
-        return self._logits(1)[0]
-
-    def step(self, token: int, pos: int):
-        self._fill([token], [pos], [0], [1])
-        self._decode()
-        return self._logits(1)[0]
-
-    def batched(self, prompts: list[list[int]], n: int) -> dict:
-        """All prompts in one llama_decode (seq_id = row), then one token per sequence per step."""
-        import numpy as np
-
-        rows = len(prompts)
-        self.reset()
-        start = time.perf_counter()
-        toks_in, pos, seqs, outs = [], [], [], []
-        for s, p in enumerate(prompts):
-            toks_in += p
-            pos += list(range(len(p)))
-            seqs += [s] * len(p)
-            outs += [0] * (len(p) - 1) + [1]
-        self._fill(toks_in, pos, seqs, outs)
-        self._decode()
-        toks = np.argmax(self._logits(rows), axis=1).tolist()
-        lengths = [len(p) for p in prompts]
-        out = [[t] for t in toks]
-        prefilled = time.perf_counter()
-        self.perf_reset()  # so llama_perf then holds the decode steps only
-        for _ in range(n - 1):
-            self._fill(toks, lengths, list(range(rows)), [1] * rows)
-            self._decode()
-            toks = np.argmax(self._logits(rows), axis=1).tolist()
-            lengths = [x + 1 for x in lengths]
-            for row, t in zip(out, toks, strict=True):
-                row.append(t)
-        end = time.perf_counter()
-        return {"start": start, "prefilled": prefilled, "end": end, "ids": out}
-
-    def perf(self) -> dict:
-        d = self.L.llama_perf_context(self.ctx)
-        return {"t_p_eval_ms": d.t_p_eval_ms, "n_p_eval": d.n_p_eval, "t_eval_ms": d.t_eval_ms, "n_eval": d.n_eval}
-
-    def perf_reset(self) -> None:
-        self.L.llama_perf_context_reset(self.ctx)
-
-
-def _greedy(engine, ids: list[int], n: int, keep_logits: bool = False) -> dict:
-    """Prefill, then n-1 single-token steps; each token is the argmax of the previous logits."""
-    start = time.perf_counter()
-    logits = engine.prefill(ids)
-    kept = [logits.copy()] if keep_logits else []
-    tok = _argmax(logits)
-    out, stamps = [tok], [time.perf_counter()]
-    pos = len(ids)
-    for _ in range(n - 1):
-        logits = engine.step(tok, pos)
-        if keep_logits:
-            kept.append(logits.copy())
-        pos += 1
-        tok = _argmax(logits)
-        out.append(tok)
-        stamps.append(time.perf_counter())
-    return {"start": start, "stamps": stamps, "ids": out, "logits": kept}
-
-
-class TransformersEngine:
-    """The model the transformers pipeline loads (as the original app did), driven by `generate`."""
-
-    def __init__(self, spec: dict) -> None:
-        import torch
-        from transformers import PreTrainedTokenizerFast, pipeline
-
-        torch.set_num_threads(spec["threads"])
-        special = {f"{k}_token": v for k, v in spec["hf_special"].items() if v}
-        tokenizer = PreTrainedTokenizerFast(tokenizer_file=spec["tokenizer_json"], **special)
-        self.generator = pipeline("text-generation", model=spec["model_dir"], tokenizer=tokenizer, device="cpu")
-        self.model = self.generator.model
-        self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        self.torch = torch
-
-    def info(self) -> dict:
-        return {"threads": self.torch.get_num_threads(), "interop_threads": self.torch.get_num_interop_threads(),
-                "dtype": str(self.model.dtype), "model_class": type(self.model).__name__,
-                "file_mb": round(sum(p.stat().st_size for p in Path(self.model.name_or_path).glob("*.safetensors"))
-                                 / 2**20, 1)}
-
-    def greedy(self, ids: list[int], n: int) -> dict:
-        torch = self.torch
-        streamer = core.token_stamper()
-        x = torch.tensor([ids], dtype=torch.long)
-        start = time.perf_counter()
-        with torch.inference_mode():
-            self.model.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=n, min_new_tokens=n,
-                                do_sample=False, streamer=streamer, pad_token_id=self.pad)
-        return {"start": start, "stamps": streamer.times, "ids": streamer.ids}
-
-
-def _open_engine(spec: dict):
-    engine = spec["engine"]
-    if engine.startswith("kolite-"):
-        return KoliteEngine(spec, engine.removeprefix("kolite-"))
-    if engine.startswith("llama-"):
-        kind = engine.removeprefix("llama-")
-        if spec.get("batched"):
-            per_seq = _lengths(spec)["short"] + spec["new_tokens"]
-            n_seq = spec["batch"]
-            return LlamaEngine(spec["gguf"]["paths"][kind], spec["threads"], n_ctx=n_seq * max(256, per_seq),
-                               n_seq=n_seq)
-        return LlamaEngine(spec["gguf"]["paths"][kind], spec["threads"], n_ctx=spec["shape"]["n_positions"])
-    return TransformersEngine(spec)
 
 
 # ====================================================================================================
@@ -627,40 +173,20 @@ CHECK_VARIANTS = {  # label: (GGUF, F32 KV cache, flash_attn_type or None for ll
 
 
 def _reference_logits(model_dir: Path, ids: list[int]):
-    """An independent float64 numpy GPT-2 forward (exact tanh GELU): last position's logits."""
+    """The tests' independent float64 numpy GPT-2 forward (tests/engine/numpy_reference.py): the last
+    position's logits."""
     import numpy as np
 
     from kolite.models.gpt2_keys import gpt2_weights
     from kolite.models.gpt2config import GPT2Config
     from kolite.models.weights import load_state_dict
 
+    sys.path.insert(0, str(core.REPO))
+    from tests.engine.numpy_reference import forward
+
     cfg = GPT2Config.from_file(model_dir / "config.json")
-    w = gpt2_weights(load_state_dict(model_dir), cfg)
-    t, n, heads = "transformer.", len(ids), cfg.n_head
-    hd = cfg.n_embd // heads
-
-    def f64(key: str):
-        return w[key].astype(np.float64)
-
-    def norm(x, key: str):
-        mu = x.mean(-1, keepdims=True)
-        var = ((x - mu) ** 2).mean(-1, keepdims=True)
-        return (x - mu) / np.sqrt(var + cfg.layer_norm_epsilon) * f64(key + ".weight") + f64(key + ".bias")
-
-    x = f64(t + "wte.weight")[ids] + f64(t + "wpe.weight")[:n]
-    mask = np.triu(np.full((n, n), -np.inf), 1)
-    for i in range(cfg.n_layer):
-        p = f"{t}h.{i}."
-        qkv = norm(x, p + "ln_1") @ f64(p + "attn.c_attn.weight") + f64(p + "attn.c_attn.bias")
-        q, k, v = (a.reshape(n, heads, hd).transpose(1, 0, 2) for a in np.split(qkv, 3, axis=-1))
-        s = q @ k.transpose(0, 2, 1) / np.sqrt(hd) + mask
-        s = np.exp(s - s.max(-1, keepdims=True))
-        s /= s.sum(-1, keepdims=True)
-        x = x + (s @ v).transpose(1, 0, 2).reshape(n, -1) @ f64(p + "attn.c_proj.weight") + f64(p + "attn.c_proj.bias")
-        h = norm(x, p + "ln_2") @ f64(p + "mlp.c_fc.weight") + f64(p + "mlp.c_fc.bias")
-        h = 0.5 * h * (1 + np.tanh(np.sqrt(2 / np.pi) * (h + 0.044715 * h**3)))
-        x = x + h @ f64(p + "mlp.c_proj.weight") + f64(p + "mlp.c_proj.bias")
-    return norm(x[-1:], t + "ln_f")[0] @ f64(t + "wte.weight").T
+    logits, _ = forward(cfg, gpt2_weights(load_state_dict(model_dir), cfg), np.array([ids]))
+    return logits[0, -1]
 
 
 def worker_check(spec: dict) -> dict:
@@ -670,7 +196,7 @@ def worker_check(spec: dict) -> dict:
     n = spec["agree_tokens"]
     prompts = spec["prompts"]
     kolite = KoliteEngine(spec, "fp32")
-    ref = _greedy(kolite, prompts["short"], n, keep_logits=True)
+    ref = greedy(kolite, prompts["short"], n, keep_logits=True)
     ref_logits = np.stack(ref["logits"])
     ref_ttft = kolite.prefill(prompts["ttft"]).copy()
     ref64 = _reference_logits(Path(spec["model_dir"]), prompts["ttft"])
@@ -693,11 +219,11 @@ def worker_check(spec: dict) -> dict:
         pos = len(prompts["short"])
         for i in range(n):
             diffs.append(float(np.abs(logits - ref_logits[i]).max()))
-            top1 += int(_argmax(logits) == ref["ids"][i])
+            top1 += int(argmax(logits) == ref["ids"][i])
             if i < n - 1:
                 logits = eng.step(ref["ids"][i], pos)
                 pos += 1
-        free = _greedy(eng, prompts["short"], n)
+        free = greedy(eng, prompts["short"], n)
         ttft_diff = float(np.abs(eng.prefill(prompts["ttft"]) - ref_ttft).max())
         report["variants"][label] = {
             "gguf": kind, "kv_cache": "F32" if kv_f32 else "F16", "flash_attn_type": fa,
@@ -706,12 +232,12 @@ def worker_check(spec: dict) -> dict:
             "median_step_max_abs_diff": round(float(np.median(diffs)), 6),
             f"max_abs_diff_after_{len(prompts['ttft'])}_token_prompt": round(ttft_diff, 6),
             "teacher_forced_top1_agreement": top1,
-            "free_greedy_leading_agreement": core._agreement(free["ids"], ref["ids"]),
+            "free_greedy_leading_agreement": core.agreement(free["ids"], ref["ids"]),
             "free_greedy_equal_positions": sum(int(a == b) for a, b in zip(free["ids"], ref["ids"], strict=False)),
-            "flash_attn": _llama_log_lines(("flash_attn",))[-1:] or None,
+            "flash_attn": llama_log_lines(("flash_attn",))[-1:] or None,
         }
         eng.close()
-        core._log(f"  {label}: first-step max|diff| {diffs[0]:.2e}, all steps {max(diffs):.2e}, "
+        core.log(f"  {label}: first-step max|diff| {diffs[0]:.2e}, all steps {max(diffs):.2e}, "
                   f"{len(prompts['ttft'])}-token prompt {ttft_diff:.2e}, top-1 teacher-forced {top1}/{n}, "
                   f"free greedy {report['variants'][label]['free_greedy_leading_agreement']}/{n}")
 
@@ -739,12 +265,12 @@ def worker_check(spec: dict) -> dict:
 
 def worker_engine(spec: dict) -> dict:
     t0 = time.perf_counter()
-    engine = _open_engine(spec)
+    engine = open_engine(spec)
     load_s = time.perf_counter() - t0
-    mem_load = core._memory()
-    greedy = engine.greedy if isinstance(engine, TransformersEngine) else (lambda ids, n: _greedy(engine, ids, n))
+    mem_load = core.memory()
+    greedy = engine.greedy if isinstance(engine, TransformersEngine) else (lambda ids, n: greedy(engine, ids, n))
     prompts, n, reps = spec["prompts"], spec["new_tokens"], spec["repeats"]
-    n_long = _lengths(spec)["long_new"]
+    n_long = run_lengths(spec)["long_new"]
 
     def check(run: dict, want: int) -> dict:
         if len(run["stamps"]) != want:
@@ -767,31 +293,31 @@ def worker_engine(spec: dict) -> dict:
             wall = full["stamps"][-1] - full["stamps"][0]
             perf["wall_ms_per_decode_step"] = round(1000 * wall / (n - 1), 3)
             perf["llama_ms_per_decode_step"] = round(perf["t_eval_ms"] / max(1, perf["n_eval"]), 3)
-        rate.append(core._decode_rate(full["stamps"]))
+        rate.append(core.decode_rate(full["stamps"]))
         if r == 0:
             ids = full["ids"]
         lng = check(greedy(prompts["long"], n_long), n_long)
-        rate_long.append(core._decode_rate(lng["stamps"]))
+        rate_long.append(core.decode_rate(lng["stamps"]))
         ttft_long.append(lng["stamps"][0] - lng["start"])
-        core._log(f"  {spec['engine']} repeat {r + 1}/{reps}: decode {rate[-1]:.1f} tok/s, TTFT {ttft[-1]:.3f}s, "
+        core.log(f"  {spec['engine']} repeat {r + 1}/{reps}: decode {rate[-1]:.1f} tok/s, TTFT {ttft[-1]:.3f}s, "
                   f"decode@{len(prompts['long'])} {rate_long[-1]:.1f} tok/s")
     result = {
         "engine": spec["engine"], "load_s": round(load_s, 3), **engine.info(),
         "cold_ttft_s": round(cold["stamps"][0] - cold["start"], 4),
-        "decode_tok_s": core._summary(rate), "ttft_s": core._summary(ttft),
-        "decode_long_tok_s": core._summary(rate_long), "ttft_long_s": core._summary(ttft_long),
-        "generated_ids": ids, "memory_after_load": mem_load, "memory_end": core._memory(),
+        "decode_tok_s": core.summary(rate), "ttft_s": core.summary(ttft),
+        "decode_long_tok_s": core.summary(rate_long), "ttft_long_s": core.summary(ttft_long),
+        "generated_ids": ids, "memory_after_load": mem_load, "memory_end": core.memory(),
     }
     if perf is not None:
         result["llama_perf_first_repeat"] = perf
     if isinstance(engine, LlamaEngine):
-        result["llama_log"] = _llama_log_lines(("flash_attn", "n_ctx", "buffer size", "REPACK", "repack", "type_k",
+        result["llama_log"] = llama_log_lines(("flash_attn", "n_ctx", "buffer size", "REPACK", "repack", "type_k",
                                                 "file type", "n_seq_max", "causal", "graph"))
     return result
 
 
 def worker_batched(spec: dict) -> dict:
-    engine = _open_engine({**spec, "batched": True})
+    engine = open_engine({**spec, "batched": True})
     prompts, n, reps = spec["prompts"]["batch"], spec["new_tokens"], spec["repeats"]
     rows = len(prompts)
     engine.batched(prompts, 8)  # warm-up
@@ -812,31 +338,22 @@ def worker_batched(spec: dict) -> dict:
         prefill.append(run["prefilled"] - run["start"])
         if r == 0:
             ids = run["ids"]
-        core._log(f"  {spec['engine']} x{rows} repeat {r + 1}/{reps}: {agg[-1]:.1f} tok/s aggregate decode")
-    result = {"engine": spec["engine"], "rows": rows, "new_tokens": n, "aggregate_decode_tok_s": core._summary(agg),
-              "aggregate_with_prefill_tok_s": core._summary(agg_total), "prefill_all_rows_s": core._summary(prefill),
-              "generated_ids": ids, **engine.info(), "memory_end": core._memory()}
+        core.log(f"  {spec['engine']} x{rows} repeat {r + 1}/{reps}: {agg[-1]:.1f} tok/s aggregate decode")
+    result = {"engine": spec["engine"], "rows": rows, "new_tokens": n, "aggregate_decode_tok_s": core.summary(agg),
+              "aggregate_with_prefill_tok_s": core.summary(agg_total), "prefill_all_rows_s": core.summary(prefill),
+              "generated_ids": ids, **engine.info(), "memory_end": core.memory()}
     if isinstance(engine, LlamaEngine):
         result["llama_perf_first_repeat"] = perf
-        result["llama_log"] = _llama_log_lines(("flash_attn", "n_ctx", "n_seq_max", "kv_unified"))
+        result["llama_log"] = llama_log_lines(("flash_attn", "n_ctx", "n_seq_max", "kv_unified"))
     return result
 
 
-WORKERS = {"prepare": worker_prepare, "int4_probe": worker_int4_probe, "convert": worker_convert,
+WORKERS = {"prepare": worker_prepare, "int4_probe": worker_int4_probe, "convert": core.worker_convert,
            "check": worker_check, "engine": worker_engine, "batched": worker_batched, "probe": core.worker_probe}
 
 
 def worker_main(argv: list[str]) -> int:
-    kind, spec_path, out_path = argv
-    spec = json.loads(Path(spec_path).read_text(encoding="utf-8"))
-    sha = core.kolite_source()["sha256"]  # kolite is edited while benchmarks run: record what this process ran
-    result = WORKERS[kind](spec)
-    result["kolite_sha"] = sha
-    peak = core._memory()
-    result["memory_peak"] = {k: peak[k] for k in ("vmhwm_mb", "ru_maxrss_mb")}
-    result["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]
-    Path(out_path).write_text(json.dumps(result, ensure_ascii=False), encoding="utf-8")
-    return 0
+    return core.worker_main(argv, WORKERS)
 
 
 # ====================================================================================================
@@ -853,7 +370,7 @@ def _run_worker(kind: str, spec: dict, scratch: Path, name: str) -> dict:
     """bench_core's worker runner, on this script's workers, with every BLAS pinned to the same threads."""
     threads = str(spec["threads"])
     pinned = {"OMP_NUM_THREADS": threads, "OPENBLAS_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
-    return core._run_worker(kind, spec, scratch, pinned, name=name, script=Path(__file__))
+    return core.run_worker(kind, spec, scratch, pinned, name=name, script=Path(__file__))
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
@@ -863,7 +380,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
                     help="smoke test: 2-layer shapes, prompts 16/128/224 tokens, 32 new tokens, 1 repeat")
     ap.add_argument("--models", default=",".join(MODELS), help=f"comma-separated subset of {', '.join(MODELS)}")
     ap.add_argument("--engines", default=",".join(ENGINES), help=f"comma-separated subset of {', '.join(ENGINES)}")
-    ap.add_argument("--threads", type=int, default=core._usable_cpus(), help="threads for every engine (default: CPUs)")
+    ap.add_argument("--threads", type=int, default=default_threads(), help="threads for every engine (default: CPUs)")
     ap.add_argument("--work-dir", type=Path, default=core.DEFAULT_OUT / "work",
                     help="checkpoints, GGUFs and kolite's converted graphs (shared with bench_core)")
     ap.add_argument("--new-tokens", type=int, default=None, help="new tokens per generation (default 128)")
@@ -896,84 +413,6 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-COLUMNS: list[tuple[str, str, str, str]] = [
-    # (header, short header for the ratio table, key path, format)
-    ("decode tok/s, {short}-token prompt", "decode", "decode_tok_s.median", "{:.1f}"),
-    ("TTFT, {ttft}-token prompt (s)", "TTFT", "ttft_s.median", "{:.3f}"),
-    ("decode tok/s at {long}..{long_end} ctx", "decode@{long}", "decode_long_tok_s.median", "{:.1f}"),
-    ("batch-{b} aggregate decode tok/s", "batch-{b}", "batched.aggregate_decode_tok_s.median", "{:.1f}"),
-    ("peak RSS (MB)", "RSS", "memory_peak.vmhwm_mb", "{:.0f}"),
-    ("model file (MB)", "file", "file_mb", "{:.0f}"),
-]
-RATIO_REFS = {"llama-Q8_0": "Q8_0", "transformers": "HF"}
-
-
-def _get(d: Any, path: str) -> Any:
-    for part in path.split("."):
-        if not isinstance(d, dict) or part not in d:
-            return None
-        d = d[part]
-    return d
-
-
-def render_tables(mres: dict, args: argparse.Namespace) -> str:
-    n = mres["lengths"]
-    fill = {"short": n["short"], "ttft": n["ttft"], "long": n["long"], "long_end": n["long"] + n["long_new"],
-            "b": args.batch}
-    results = mres["results"]
-    names = [e for e in ENGINES if e in results and "error" not in results[e]]
-    lines = ["| engine | " + " | ".join(h.format(**fill) for h, *_ in COLUMNS)
-             + f" | greedy = fp32 (of {mres['agree_tokens']}) |", "|---|" + "---:|" * (len(COLUMNS) + 1)]
-    for e in names:
-        cells = []
-        for _h, _s, key, fmt in COLUMNS:
-            v = _get(results[e], key)
-            cells.append(fmt.format(v) if isinstance(v, int | float) else "-")
-        for i, (_h, _s, key, _f) in enumerate(COLUMNS):  # (c): still contended after the retries
-            if _get(results[e], "batched.contended" if key.startswith("batched") else "contended") and i < 4:
-                cells[i] += " (c)"
-        agree = mres["greedy_agreement"].get(e)
-        cells.append("ref" if e == "kolite-fp32" else (str(agree) if agree is not None else "-"))
-        lines.append(f"| {e} | " + " | ".join(cells) + " |")
-    for e, r in results.items():
-        if "error" in r:
-            lines.append(f"| {e} | " + " | ".join(["n/a"] * len(COLUMNS)) + f" | {r['error']} |")
-    refs = [r for r in RATIO_REFS if r in names]
-    pairs = [(col, r) for col in COLUMNS for r in refs
-             if col[2] != "file_mb" and not (r == "transformers" and col[2].startswith("batched"))]
-    if not pairs:
-        return "\n".join(lines)
-    lines += ["", "Ratios, engine / reference (tok/s: above 1 is faster; TTFT and RSS: below 1 is better):", "",
-              "| engine | " + " | ".join(f"{col[1].format(**fill)} vs {RATIO_REFS[r]}" for col, r in pairs) + " |",
-              "|---|" + "---:|" * len(pairs)]
-    for e in names:
-        cells = []
-        for col, r in pairs:
-            x, y = _get(results[e], col[2]), _get(results[r], col[2])
-            ok = isinstance(x, int | float) and isinstance(y, int | float) and y
-            cells.append(f"{x / y:.2f}x" if ok else "-")
-        lines.append(f"| {e} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def _check_summary(check: dict) -> list[str]:
-    out = []
-    for label, v in check["variants"].items():
-        long_key = next(k for k in v if k.startswith("max_abs_diff_after_"))
-        out.append(f"  llama.cpp {label} vs kolite fp32: first-step max|diff| {v['first_step_max_abs_diff']:.2e}, "
-                   f"all {check['tokens']} steps {v['max_abs_diff_all_steps']:.2e}, "
-                   f"{long_key.split('_')[4]}-token prompt {v[long_key]:.2e}; top-1 teacher-forced "
-                   f"{v['teacher_forced_top1_agreement']}/{check['tokens']}, free greedy "
-                   f"{v['free_greedy_leading_agreement']}/{check['tokens']}; vs fp64 reference "
-                   f"{v['max_abs_diff_vs_fp64_reference']:.1e}")
-    out.append(f"  kolite fp32 vs the fp64 reference: {check['kolite_max_abs_diff_vs_fp64_reference']:.1e}; "
-               f"kolite fp32 logits: std {check['kolite_logits_std']}, top-1/top-2 margin min "
-               f"{check['kolite_top1_top2_margin_min']} (median {check['kolite_top1_top2_margin_median']}); "
-               f"Q8_0 blocks equal to gguf-py's quantizer: {check['q8_0_blocks_equal_gguf_py']}; "
-               f"{'PASSED' if check['passed'] else 'FAILED'} (tolerance {check['tolerance']:g})")
-    return out
-
-
 _BEST_PROBE = {"gemm_gflops": 0.0, "gemv_gbps": 0.0}
 
 
@@ -991,7 +430,7 @@ def _timed(args: argparse.Namespace, kind: str, spec: dict, scratch: Path, name:
         slow = [f"{k} {p[k]} < {args.contention:.0%} of {_BEST_PROBE[k]}" for p in (before, after) for k in _BEST_PROBE
                 if p[k] < args.contention * _BEST_PROBE[k]]
         result.update(probe_before=before, probe_after=after, contended=bool(slow), attempt=attempt + 1)
-        core._log(f"  probes: gemm {before['gemm_gflops']} -> {after['gemm_gflops']} GFLOP/s, gemv "
+        core.log(f"  probes: gemm {before['gemm_gflops']} -> {after['gemm_gflops']} GFLOP/s, gemv "
                   f"{before['gemv_gbps']} -> {after['gemv_gbps']} GB/s" + (f"; CONTENDED ({'; '.join(slow)})"
                                                                           if slow else ""))
         if not slow:
@@ -999,16 +438,16 @@ def _timed(args: argparse.Namespace, kind: str, spec: dict, scratch: Path, name:
         discarded.append({k: result.get(k) for k in ("decode_tok_s", "ttft_s", "decode_long_tok_s",
                                                      "aggregate_decode_tok_s", "probe_before", "probe_after")})
         if attempt < args.retries:
-            core._log(f"  re-running {name} (attempt {attempt + 2}/{args.retries + 1})")
+            core.log(f"  re-running {name} (attempt {attempt + 2}/{args.retries + 1})")
             time.sleep(5)
     result["discarded_contended_attempts"] = discarded
     return result
 
 
 def run_model(model: str, args: argparse.Namespace, base: dict, scratch: Path, int4: bool) -> dict:
-    core._log(f"=== {model}: checkpoint, GGUFs, prompts")
+    core.log(f"=== {model}: checkpoint, GGUFs, prompts")
     prep = _run_worker("prepare", {**base, "model": model}, scratch, f"prepare-{model}")
-    lengths = _lengths(base)
+    lengths = run_lengths(base)
     spec = {**base, "model": model, "model_dir": prep["model_dir"], "tokenizer_json": prep["tokenizer_json"],
             "shape": prep["shape"], "gguf": prep["gguf"], "prompts": prep["prompts"], "hf_special": prep["hf_special"],
             "agree_tokens": min(AGREE_TOKENS, args.new_tokens), "tolerance": args.tolerance}
@@ -1024,24 +463,24 @@ def run_model(model: str, args: argparse.Namespace, base: dict, scratch: Path, i
     mres["warmup_conversion"] = {}
     failed: dict[str, str] = {}
     for precision in precisions:
-        core._log(f"kolite {precision}: conversion (or cache check)")
+        core.log(f"kolite {precision}: conversion (or cache check)")
         try:
             conv = _run_worker("convert", {**spec, "precision": precision}, scratch, f"convert-{model}-{precision}")
         except RuntimeError as exc:
             failed[f"kolite-{precision}"] = f"conversion failed: {exc}"
-            core._log(f"  {exc}")
+            core.log(f"  {exc}")
             continue
         mres["warmup_conversion"][precision] = conv
-        core._log(f"  {'converted' if conv['converted'] else 'cached'} in {conv['seconds']:.1f}s, "
+        core.log(f"  {'converted' if conv['converted'] else 'cached'} in {conv['seconds']:.1f}s, "
                   f"graph {conv['graph_mb']:.0f} MB")
     if "kolite-fp32" in failed:
         raise RuntimeError(f"{model}: kolite fp32 (the reference) is unavailable: {failed['kolite-fp32']}")
 
-    core._log("correctness: llama.cpp GGUFs against kolite fp32 on the same ids")
+    core.log("correctness: llama.cpp GGUFs against kolite fp32 on the same ids")
     check = _run_worker("check", spec, scratch, f"check-{model}")
     mres["check"] = check
-    for line in _check_summary(check):
-        core._log(line)
+    for line in check_summary(check):
+        core.log(line)
     if not check["passed"]:
         raise RuntimeError(f"{model}: llama.cpp F32 disagrees with kolite fp32: the GGUF is wrong; nothing timed")
     results: dict[str, dict] = {e: {"error": failed[e]} for e in engines if e in failed}
@@ -1052,31 +491,31 @@ def run_model(model: str, args: argparse.Namespace, base: dict, scratch: Path, i
     for engine in engines:
         if engine in failed:
             continue
-        core._log(f"engine {engine} ({model}): fresh process, {args.threads} threads")
+        core.log(f"engine {engine} ({model}): fresh process, {args.threads} threads")
         try:
             results[engine] = _timed(args, "engine", {**spec, "engine": engine}, scratch, f"engine-{model}-{engine}")
         except RuntimeError as exc:
-            core._log(f"  {exc}")
+            core.log(f"  {exc}")
             results[engine] = {"error": str(exc)}
     for engine in engines:
         if engine not in BATCHED or "error" in results.get(engine, {}):
             continue
-        core._log(f"batched {engine} ({model}): {args.batch} sequences x {args.new_tokens} tokens")
+        core.log(f"batched {engine} ({model}): {args.batch} sequences x {args.new_tokens} tokens")
         try:
             results[engine]["batched"] = _timed(args, "batched", {**spec, "engine": engine}, scratch,
                                                 f"batched-{model}-{engine}")
         except RuntimeError as exc:
-            core._log(f"  {exc}")
+            core.log(f"  {exc}")
             results[engine]["batched"] = {"error": str(exc)}
 
     n = spec["agree_tokens"]
     ref = check["kolite_fp32_ids"]
-    mres["greedy_agreement"] = {e: core._agreement(r["generated_ids"][:n], ref)
+    mres["greedy_agreement"] = {e: core.agreement(r["generated_ids"][:n], ref)
                                 for e, r in results.items() if "generated_ids" in r}
     mres["greedy_agreement"]["llama-F32 (check, strict)"] = check["variants"][STRICT]["free_greedy_leading_agreement"]
     # batch invariance: row 0 of the batched run has the same prompt as the batch-1 run
     mres["batch_row0_equals_batch1"] = {
-        e: core._agreement(r["batched"]["generated_ids"][0][:n], r["generated_ids"][:n])
+        e: core.agreement(r["batched"]["generated_ids"][0][:n], r["generated_ids"][:n])
         for e, r in results.items() if "generated_ids" in r and "generated_ids" in r.get("batched", {})}
     mres["table_markdown"] = render_tables(mres, args)
     return mres
@@ -1087,8 +526,8 @@ def main(argv: list[str] | None = None) -> int:
     work = args.work_dir.resolve()
     work.mkdir(parents=True, exist_ok=True)
     machine = core.machine_info()
-    machine["llama_cpp_python"] = core._version("llama_cpp_python")
-    machine["gguf"] = core._version("gguf")
+    machine["llama_cpp_python"] = core.version("llama_cpp_python")
+    machine["gguf"] = core.version("gguf")
     scratch = Path(tempfile.mkdtemp(prefix="compare-", dir=work))
     base = {"work_dir": str(work), "kolite_home": str(_kolite_home(work)), "quick": args.quick,
             "threads": args.threads, "new_tokens": args.new_tokens, "repeats": args.repeats, "batch": args.batch}
@@ -1104,12 +543,12 @@ def main(argv: list[str] | None = None) -> int:
         int4 = _run_worker("int4_probe", probe_spec, scratch, "int4-probe") if "kolite-int4" in args.engines else {}
         report["kolite_int4"] = int4
         if int4 and not int4["int4"]:
-            core._log(f"kolite int4: not available ({int4['reason']}); skipped")
+            core.log(f"kolite int4: not available ({int4['reason']}); skipped")
         for model in args.models:
             try:
                 report["models"][model] = run_model(model, args, base, scratch, bool(int4.get("int4")))
             except RuntimeError as exc:
-                core._log(f"ERROR {exc}")
+                core.log(f"ERROR {exc}")
                 report["models"].setdefault(model, {})["error"] = str(exc)
                 status = 1
     finally:
@@ -1117,13 +556,13 @@ def main(argv: list[str] | None = None) -> int:
     machine["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]
     report["kolite_source_at_end"] = core.kolite_source()
     if report["kolite_source_at_end"]["sha256"] != report["kolite_source_at_start"]["sha256"]:
-        core._log("WARNING: kolite's sources changed during the run; engines may have measured different code")
+        core.log("WARNING: kolite's sources changed during the run; engines may have measured different code")
 
-    lengths = _lengths(base)
+    lengths = run_lengths(base)
     header = [
         f"compare  {machine['date']}",
-        f"machine: {machine['cpu_model']} | {machine['usable_cpus']} usable CPUs ({machine['physical_cores']} "
-        f"physical) | {machine['memory_gb']} GB | {machine['os']} | flags {' '.join(machine['cpu_flags'])}",
+        f"machine: {machine['cpu']} | {machine['usable_cores']} usable CPUs of {machine['cores']} | "
+        f"{machine['memory_gb']} GB | {machine['os']} | {' '.join(machine['cpu_features']['features'])}",
         f"versions: python {machine['python']}, onnxruntime {machine['onnxruntime']}, llama-cpp-python "
         f"{machine['llama_cpp_python']}, gguf {machine['gguf']}, torch {machine['torch']}, transformers "
         f"{machine['transformers']}, kolite {machine['kolite']} (sources {report['kolite_source_at_start']['sha256']}"
@@ -1147,7 +586,7 @@ def main(argv: list[str] | None = None) -> int:
             print("GGUF: " + ", ".join(f"{k} {g['mb'][k]:.0f} MB {g['types'][k]['counts']}" for k in GGUF_KINDS))
         if "check" in mres:
             print("correctness (before timing):")
-            print("\n".join(_check_summary(mres["check"])))
+            print("\n".join(check_summary(mres["check"])))
         if "table_markdown" in mres:
             print()
             print(mres["table_markdown"])
@@ -1157,18 +596,18 @@ def main(argv: list[str] | None = None) -> int:
             perf = {e: r["llama_perf_first_repeat"] for e, r in mres["results"].items()
                     if "llama_perf_first_repeat" in r}
             for e, r in mres["results"].items():
-                if (_get(r, "batched.llama_perf_first_repeat") or {}).get("llama_ms_per_decode_step") is not None:
+                if (get(r, "batched.llama_perf_first_repeat") or {}).get("llama_ms_per_decode_step") is not None:
                     perf[f"{e} batch-{args.batch}"] = r["batched"]["llama_perf_first_repeat"]
             if perf:
                 print("llama.cpp time per decode step, inside llama_decode (llama_perf) / wall clock incl. Python: "
                       + ", ".join(f"{e} {p['llama_ms_per_decode_step']:.2f} / {p['wall_ms_per_decode_step']:.2f} ms"
                                   for e, p in perf.items()))
             shas = sorted({s for r in mres["results"].values()
-                           for s in (r.get("kolite_sha"), _get(r, "batched.kolite_sha")) if s}
+                           for s in (r.get("kolite_sha"), get(r, "batched.kolite_sha")) if s}
                           | {mres["check"].get("kolite_sha")} - {None})
             print("kolite sources measured (hash per worker process): " + ", ".join(shas)
                   + (" -- CHANGED during the run" if len(shas) > 1 else ""))
-            if any(r.get("contended") or _get(r, "batched.contended") for r in mres["results"].values()):
+            if any(r.get("contended") or get(r, "batched.contended") for r in mres["results"].values()):
                 print("(c): the machine probes still showed a slowed-down host after the retries")
             print("batched row 0 equal to the batch-1 run (leading tokens): " + ", ".join(
                 f"{e} {n}/{mres['agree_tokens']}" for e, n in mres["batch_row0_equals_batch1"].items()))
@@ -1179,7 +618,7 @@ def main(argv: list[str] | None = None) -> int:
     for path in {out, *([args.json] if args.json else [])}:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-        core._log(f"wrote {path}")
+        core.log(f"wrote {path}")
     return status
 
 

@@ -328,68 +328,109 @@ def build_gpt2_graph(
     for the name the metadata records in the graph's folder). `write_gpt2_graph` builds and saves both.
     """
     b = _Builder(data=ExternalData(external_data) if external_data is not None else None)
-    form: Int8Weights = int8_weights or detect().int8_weights
-    e, h, d = cfg.n_embd, cfg.n_head, cfg.head_dim
-
-    def w(key: str) -> np.ndarray:
-        return np.asarray(weights[key], dtype=np.float32)
-
-    wpe = b.const("wpe", w("transformer.wpe.weight"))
-    hidden = b.op("Add", ["token_embeddings", b.op("Gather", [wpe, "position_ids"], name="pos_emb")])
-    split_sizes = b.const("qkv_split", np.array([e, e, e], np.int64))
-
-    eps = cfg.layer_norm_epsilon
-
-    def norm(name: str) -> tuple[str, str]:
-        return b.const(name + ".weight", w("transformer." + name + ".weight")), \
-            b.const(name + ".bias", w("transformer." + name + ".bias"))
-
-    x = b.op("LayerNormalization", [hidden, *norm("h.0.ln_1")], axis=-1, epsilon=eps)
-    for i in range(cfg.n_layer):
+    g = _GPT2(b, cfg, weights, quant, int8_weights or detect().int8_weights, kv_cache)
+    hidden = b.op("Add", ["token_embeddings", b.op("Gather", [b.const("wpe", g.w("transformer.wpe.weight")),
+                                                              "position_ids"], name="pos_emb")])
+    x = b.op("LayerNormalization", [hidden, *g.norm("h.0.ln_1")], axis=-1, epsilon=cfg.layer_norm_epsilon)
+    for i in range(cfg.n_layer):  # a block: x is the normed stream, hidden the residual stream
         p = f"transformer.h.{i}."
-        # Fold 1/sqrt(d) (and the optional 1/(layer+1)) into the query columns of c_attn.
-        scale = (1.0 / math.sqrt(d) if cfg.scale_attn_weights else 1.0)
-        if cfg.scale_attn_by_inverse_layer_idx:
+        x, hidden = g.residual(hidden, g.attention(i, x), p + "attn.c_proj.bias", f"h.{i}.ln_2")
+        x, hidden = g.residual(hidden, g.mlp(i, x), p + "mlp.c_proj.bias",
+                               f"h.{i + 1}.ln_1" if i + 1 < cfg.n_layer else "ln_f")
+    model = g.finish(x, all_logits)  # x: ln_f(final residual stream)
+    _token_table(model, g.w("transformer.wte.weight"), quant != "fp32", token_table)
+    return model
+
+
+@dataclass
+class _GPT2:
+    """The pieces of kolite's GPT-2 graph, one method each, over a `_Builder` (as nanoGPT's `Block`)."""
+
+    b: _Builder
+    cfg: GPT2Config
+    weights: Mapping[str, np.ndarray]
+    quant: WeightFormat
+    form: Int8Weights
+    kv_cache: KVCache
+
+    def w(self, key: str) -> np.ndarray:
+        return np.asarray(self.weights[key], dtype=np.float32)
+
+    def norm(self, name: str) -> tuple[str, str]:
+        """A layer norm's gamma and beta (`h.0.ln_1`, `ln_f`, ...)."""
+        return (self.b.const(name + ".weight", self.w("transformer." + name + ".weight")),
+                self.b.const(name + ".bias", self.w("transformer." + name + ".bias")))
+
+    def linear(self, x: str, w: np.ndarray, tag: str, bias: np.ndarray | None = None) -> str:
+        return _linear(self.b, x, w, bias, tag, self.quant, self.form)
+
+    def residual(self, hidden: str, branch: str, bias: str, next_norm: str) -> tuple[str, str]:
+        """The branch (with its `bias`, a weight key) joins the residual stream, normed for what comes next."""
+        bias_name = self.b.const(bias, self.w(bias))
+        return _skip_layer_norm(self.b, hidden, branch, bias_name, *self.norm(next_norm), self.cfg.layer_norm_epsilon)
+
+    def attention(self, i: int, x: str) -> str:
+        """Layer `i`'s attention over the in-place KV cache, before c_proj's bias. 1/sqrt(d) (and the
+        optional 1/(layer+1)) is folded into the query columns of c_attn."""
+        b, e, p = self.b, self.cfg.n_embd, f"transformer.h.{i}."
+        scale = 1.0 / math.sqrt(self.cfg.head_dim) if self.cfg.scale_attn_weights else 1.0
+        if self.cfg.scale_attn_by_inverse_layer_idx:
             scale /= float(i + 1)
-        qkv_w = np.array(weights[p + "attn.c_attn.weight"], dtype=np.float32)  # a copy: scaled in place
-        qkv_b = np.array(weights[p + "attn.c_attn.bias"], dtype=np.float32)
+        qkv_w = np.array(self.weights[p + "attn.c_attn.weight"], dtype=np.float32)  # a copy: scaled in place
+        qkv_b = np.array(self.weights[p + "attn.c_attn.bias"], dtype=np.float32)
         qkv_w[:, :e] *= scale
         qkv_b[:e] *= scale
-        qkv = _linear(b, x, qkv_w, qkv_b, f"h{i}.attn.c_attn", quant, form)
-        q, k, v = b.op("Split", [qkv, split_sizes], outputs=3, axis=-1)
-        if kv_cache == "fp16":
+        qkv = self.linear(x, qkv_w, f"h{i}.attn.c_attn", qkv_b)
+        split = b.const("qkv_split", np.array([e, e, e], np.int64)) if i == 0 else "qkv_split"
+        q, k, v = b.op("Split", [qkv, split], outputs=3, axis=-1)
+        if self.kv_cache == "fp16":
             q, k, v = (b.op("Cast", [t], to=TensorProto.FLOAT16) for t in (q, k, v))
         ctx = f"h{i}.attn.ctx"
         b.nodes.append(helper.make_node(
             "GroupQueryAttention",
             [q, k, v, f"past_key_{i}", f"past_value_{i}", "seqlens_k", "total_sequence_length"],
             [ctx, f"present_key_{i}", f"present_value_{i}"],
-            name=f"n_h{i}_attention", domain=MS_DOMAIN, num_heads=h, kv_num_heads=h, scale=1.0,
+            name=f"n_h{i}_attention", domain=MS_DOMAIN, num_heads=self.cfg.n_head, kv_num_heads=self.cfg.n_head,
+            scale=1.0,
         ))
-        if kv_cache == "fp16":
+        if self.kv_cache == "fp16":
             ctx = b.op("Cast", [ctx], to=TensorProto.FLOAT)
-        attn = _linear(b, ctx, w(p + "attn.c_proj.weight"), None, f"h{i}.attn.c_proj", quant, form)
-        x, hidden = _skip_layer_norm(b, hidden, attn, b.const(p + "attn.c_proj.bias", w(p + "attn.c_proj.bias")),
-                                     *norm(f"h.{i}.ln_2"), eps)
-        m = _linear(b, x, w(p + "mlp.c_fc.weight"), None, f"h{i}.mlp.c_fc", quant, form)
-        m = _gelu(b, m, b.const(p + "mlp.c_fc.bias", w(p + "mlp.c_fc.bias")), cfg.activation_function)
-        m = _linear(b, m, w(p + "mlp.c_proj.weight"), None, f"h{i}.mlp.c_proj", quant, form)
-        next_norm = norm(f"h.{i + 1}.ln_1") if i + 1 < cfg.n_layer else norm("ln_f")
-        x, hidden = _skip_layer_norm(b, hidden, m, b.const(p + "mlp.c_proj.bias", w(p + "mlp.c_proj.bias")),
-                                     *next_norm, eps)
-    hidden = x  # ln_f(final residual stream)
+        return self.linear(ctx, self.w(p + "attn.c_proj.weight"), f"h{i}.attn.c_proj")
 
-    if not all_logits:
-        hidden = b.op("Slice", [hidden, b.const("last_start", np.array([-1], np.int64)),
-                                b.const("last_end", np.array([np.iinfo(np.int64).max], np.int64)),
-                                b.const("last_axis", np.array([1], np.int64))])
-    # wte.T as a view: fp32 copies it into the file once, int8/int4 quantize it without a float32 copy
-    logits = _linear(b, hidden, w("transformer.wte.weight").T, None, "lm_head", quant, form)
-    b.nodes.append(helper.make_node("Identity", [logits], ["logits"], name="n_logits"))
+    def mlp(self, i: int, x: str) -> str:
+        """Layer `i`'s MLP (c_fc, GELU, c_proj), before c_proj's bias."""
+        p = f"transformer.h.{i}."
+        m = self.linear(x, self.w(p + "mlp.c_fc.weight"), f"h{i}.mlp.c_fc")
+        m = _gelu(self.b, m, self.b.const(p + "mlp.c_fc.bias", self.w(p + "mlp.c_fc.bias")),
+                  self.cfg.activation_function)
+        return self.linear(m, self.w(p + "mlp.c_proj.weight"), f"h{i}.mlp.c_proj")
 
-    kv_shape = ["batch", h, "capacity", d]
+    def finish(self, x: str, all_logits: bool) -> onnx.ModelProto:
+        """The lm_head (on the last position only, unless `all_logits`), the graph's inputs and outputs,
+        and the model with its metadata."""
+        b = self.b
+        if not all_logits:
+            x = b.op("Slice", [x, b.const("last_start", np.array([-1], np.int64)),
+                               b.const("last_end", np.array([np.iinfo(np.int64).max], np.int64)),
+                               b.const("last_axis", np.array([1], np.int64))])
+        # wte.T as a view: fp32 copies it into the file once, int8/int4 quantize it without a float32 copy
+        logits = self.linear(x, self.w("transformer.wte.weight").T, "lm_head")
+        b.nodes.append(helper.make_node("Identity", [logits], ["logits"], name="n_logits"))
+        inputs, outputs = _io_spec(self.cfg, all_logits, self.kv_cache)
+        graph = helper.make_graph(b.nodes, "kolite_gpt2", inputs, outputs, initializer=b.inits)
+        model = helper.make_model(graph, producer_name="kolite",
+                                  opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(MS_DOMAIN, 1)])
+        model.ir_version = 8  # readable by every onnxruntime that supports opset 17
+        if self.quant == "int8":
+            set_int8_weights(model, self.form)
+        return model
+
+
+def _io_spec(cfg: GPT2Config, all_logits: bool, kv_cache: KVCache) -> tuple[list, list]:
+    """The graph's inputs (in `input_names` order) and outputs (`output_names`)."""
+    kv_shape = ["batch", cfg.n_head, "capacity", cfg.head_dim]
     inputs = [
-        helper.make_tensor_value_info("token_embeddings", TensorProto.FLOAT, ["batch", "seq", e]),
+        helper.make_tensor_value_info("token_embeddings", TensorProto.FLOAT, ["batch", "seq", cfg.n_embd]),
         helper.make_tensor_value_info("position_ids", TensorProto.INT64, ["batch", "seq"]),
         helper.make_tensor_value_info("seqlens_k", TensorProto.INT32, ["batch"]),
         helper.make_tensor_value_info("total_sequence_length", TensorProto.INT32, []),
@@ -401,14 +442,7 @@ def build_gpt2_graph(
         for kind in ("key", "value"):
             inputs.append(helper.make_tensor_value_info(f"past_{kind}_{i}", kv_type, kv_shape))
             outputs.append(helper.make_tensor_value_info(f"present_{kind}_{i}", kv_type, kv_shape))
-    graph = helper.make_graph(b.nodes, "kolite_gpt2", inputs, outputs, initializer=b.inits)
-    model = helper.make_model(graph, producer_name="kolite",
-                              opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(MS_DOMAIN, 1)])
-    model.ir_version = 8  # readable by every onnxruntime that supports opset 17
-    if quant == "int8":
-        set_int8_weights(model, form)
-    _token_table(model, w("transformer.wte.weight"), quant != "fp32", token_table)
-    return model
+    return inputs, outputs
 
 
 def io_spec(model: onnx.ModelProto) -> dict[str, list[list[object]]]:
