@@ -55,7 +55,7 @@ from compare_engines import (  # noqa: E402
     LlamaEngine,
     TransformersEngine,
     argmax,
-    greedy,
+    greedy_run,
     open_engine,
     run_lengths,
 )
@@ -196,7 +196,7 @@ def worker_check(spec: dict) -> dict:
     n = spec["agree_tokens"]
     prompts = spec["prompts"]
     kolite = KoliteEngine(spec, "fp32")
-    ref = greedy(kolite, prompts["short"], n, keep_logits=True)
+    ref = greedy_run(kolite, prompts["short"], n, keep_logits=True)
     ref_logits = np.stack(ref["logits"])
     ref_ttft = kolite.prefill(prompts["ttft"]).copy()
     ref64 = _reference_logits(Path(spec["model_dir"]), prompts["ttft"])
@@ -223,7 +223,7 @@ def worker_check(spec: dict) -> dict:
             if i < n - 1:
                 logits = eng.step(ref["ids"][i], pos)
                 pos += 1
-        free = greedy(eng, prompts["short"], n)
+        free = greedy_run(eng, prompts["short"], n)
         ttft_diff = float(np.abs(eng.prefill(prompts["ttft"]) - ref_ttft).max())
         report["variants"][label] = {
             "gguf": kind, "kv_cache": "F32" if kv_f32 else "F16", "flash_attn_type": fa,
@@ -268,7 +268,7 @@ def worker_engine(spec: dict) -> dict:
     engine = open_engine(spec)
     load_s = time.perf_counter() - t0
     mem_load = core.memory()
-    greedy = engine.greedy if isinstance(engine, TransformersEngine) else (lambda ids, n: greedy(engine, ids, n))
+    greedy = engine.greedy if isinstance(engine, TransformersEngine) else (lambda ids, n: greedy_run(engine, ids, n))
     prompts, n, reps = spec["prompts"], spec["new_tokens"], spec["repeats"]
     n_long = run_lengths(spec)["long_new"]
 

@@ -208,7 +208,7 @@ class LlamaEngine:
         self.L.llama_perf_context_reset(self.ctx)
 
 
-def greedy(engine, ids: list[int], n: int, keep_logits: bool = False) -> dict:
+def greedy_run(engine, ids: list[int], n: int, keep_logits: bool = False) -> dict:
     """Prefill, then n-1 single-token steps; each token is the argmax of the previous logits."""
     start = time.perf_counter()
     logits = engine.prefill(ids)

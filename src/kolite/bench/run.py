@@ -38,17 +38,13 @@ import gc
 import os
 import sys
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from kolite.config import ModelSettings
-
-if TYPE_CHECKING:
-    pass
 from kolite.bench.machine import MB, machine_info
 from kolite.bench.memory import bandwidth_buffer_bytes, memory_read_bandwidth, peak_rss_mb, reset_peak_rss, rss_mb
-from kolite.bench.model import Progress, ensure_random_checkpoint, open_model, prompt_ids
+from kolite.bench.model import BenchModel, Progress, ensure_random_checkpoint, open_model, prompt_ids
 from kolite.bench.report import PLOT_HINT, plot_available, render_table, write_json, write_plot
 from kolite.bench.roofline import kv_bytes_per_token, parameter_count, weight_bytes_per_token
 from kolite.bench.timing import (
@@ -60,6 +56,10 @@ from kolite.bench.timing import (
     measure_ttft,
     timed_generation,
 )
+from kolite.config import ModelSettings
+
+if TYPE_CHECKING:
+    from kolite.convert.prepare import PreparedModel
 
 
 @dataclass(frozen=True)
@@ -95,8 +95,6 @@ class BenchOptions:
 def run_bench(settings: ModelSettings, options: BenchOptions | None = None, *, random_weights: str | None = None,
               progress: Progress | None = None) -> dict[str, Any]:
     """Measure everything (see the module docstring for the order) and return the report (JSON-ready)."""
-    from kolite.convert.prepare import prepare_model
-
     opts = options or BenchOptions()
     say = progress or (lambda _msg: None)
     started = time.perf_counter()
@@ -109,7 +107,45 @@ def run_bench(settings: ModelSettings, options: BenchOptions | None = None, *, r
     say(f"  memory read bandwidth {bw['gb_s']:.1f} GB/s ({bw['buffer_mb']} MB buffer)")
     reset_peak_rss()  # the setup peak should not be the bandwidth buffer's
 
-    # --- setup: random weights, conversion, weight bytes --------------------------------------------
+    settings, prepared, weights, report["setup"] = _setup(settings, random_weights, say)
+    phases = _Phases(reset_ok=reset_peak_rss())
+
+    say("loading from the converted cache ...")
+    load_settings = settings.model_copy(update={"local_files_only": True})  # already resolved: no hub call
+    model = open_model(load_settings, with_tokenizer=prepared.files.has_tokenizer)
+    if model.prepared.converted:  # pragma: no cover - setup converted it just before
+        say("WARNING: the model was converted again during the timed load")
+    report["model"] = _model_entry(model, settings, random_weights, weights)
+    report["load_seconds"] = round(model.load_seconds, 3)
+    report["weights"] = weights
+    memory: dict[str, Any] = {"rss_after_load_mb": rss_mb()}
+    phases.done("load")
+    say(f"  loaded in {model.load_seconds:.2f}s; {model.cfg.n_layer} layers x {model.cfg.n_embd}, "
+        f"{model.prepared.precision}, {settings.threads} threads")
+
+    _measure(model, opts, report, phases, say)
+
+    serving = [v for k, v in phases.peaks.items() if k != "load" and v is not None]
+    memory.update(peak_rss_mb=max(serving) if serving else peak_rss_mb(), peak_rss_includes_setup=not phases.reset_ok,
+                  rss_end_mb=rss_mb(), peak_rss_by_phase_mb=phases.peaks)
+    report["memory"] = memory
+    _roofline(report, bw, weights)
+    machine["loadavg_end"] = [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None
+    report["seconds"] = round(time.perf_counter() - started, 1)
+    report["table"] = render_table(report)
+    return report
+
+
+def _setup(settings: ModelSettings, random_weights: str | None,
+           say: Progress) -> tuple[ModelSettings, PreparedModel, dict[str, Any], dict[str, Any]]:
+    """Random weights (if asked), conversion, the weight bytes a step reads; then the C heap is trimmed.
+
+    Setup's freed arrays (a random checkpoint written in this process) stay in the C heap until trimmed;
+    without that the load phase's "peak" would be that leftover, not the load's own.
+    """
+    from kolite.convert.prepare import prepare_model
+    from kolite.engine.runtime import release_free_memory
+
     setup: dict[str, Any] = {"random_weights": random_weights}
     if random_weights:
         ckpt = ensure_random_checkpoint(settings.kolite_home, random_weights, cache_dir=settings.cache_dir,
@@ -122,23 +158,28 @@ def run_bench(settings: ModelSettings, options: BenchOptions | None = None, *, r
                  graph=str(prepared.graph))
     weights = weight_bytes_per_token(prepared.graph)
     setup["peak_rss_mb"] = peak_rss_mb()
-    report["setup"] = setup
-    # Setup's freed arrays (a random checkpoint written in this process) stay in the C heap until
-    # trimmed; without this the load phase's "peak" would be that leftover, not the load's own.
-    from kolite.engine.runtime import release_free_memory
-
     gc.collect()
     release_free_memory()
-    reset_ok = reset_peak_rss()
+    return settings, prepared, weights, setup
 
-    # --- load from the converted cache --------------------------------------------------------------
-    say("loading from the converted cache ...")
-    load_settings = settings.model_copy(update={"local_files_only": True})  # already resolved: no hub call
-    model = open_model(load_settings, with_tokenizer=prepared.files.has_tokenizer)
-    if model.prepared.converted:  # pragma: no cover - setup converted it just before
-        say("WARNING: the model was converted again during the timed load")
+
+@dataclass
+class _Phases:
+    """Where the memory goes: each phase's own high-water mark (only where the kernel's can be reset)."""
+
+    reset_ok: bool
+    peaks: dict[str, float | None] = field(default_factory=dict)
+
+    def done(self, name: str) -> None:
+        if self.reset_ok:
+            self.peaks[name] = peak_rss_mb()
+            reset_peak_rss()
+
+
+def _model_entry(model: BenchModel, settings: ModelSettings, random_weights: str | None,
+                 weights: dict[str, Any]) -> dict[str, Any]:
     cfg = model.cfg
-    report["model"] = {
+    return {
         "name": f"random weights, {random_weights} shape" if random_weights else settings.model,
         "path": str(model.prepared.files.root), "precision": model.prepared.precision,
         "int8_scheme": model.prepared.manifest.get("int8_scheme"),
@@ -148,32 +189,20 @@ def run_bench(settings: ModelSettings, options: BenchOptions | None = None, *, r
         "parameters": parameter_count(cfg), "graph": str(model.prepared.graph),
         "graph_mb": round(weights["graph_file_bytes"] / MB, 1), "tokenizer": model.tokenizer_kind,
     }
-    report["load_seconds"] = round(model.load_seconds, 3)
-    report["weights"] = weights
-    memory: dict[str, Any] = {"rss_after_load_mb": rss_mb()}
-    phase_peaks: dict[str, float | None] = {}
 
-    def phase_done(name: str) -> None:
-        """Where the memory goes: each phase's own high-water mark (only where it can be reset)."""
-        if reset_ok:
-            phase_peaks[name] = peak_rss_mb()
-            reset_peak_rss()
 
-    phase_done("load")
-    say(f"  loaded in {model.load_seconds:.2f}s; {cfg.n_layer} layers x {cfg.n_embd}, "
-        f"{model.prepared.precision}, {settings.threads} threads")
-
-    # --- measurements -------------------------------------------------------------------------------
+def _measure(model: BenchModel, opts: BenchOptions, report: dict[str, Any], phases: _Phases, say: Progress) -> None:
+    """Warm-up, batch-1 decode, time to first token, decode against context, concurrency; closes the model."""
     say("warm-up ...")
     longest = fit_length(max((*opts.contexts, *opts.ttft_prompts)), model.n_positions, 5)
     timed_generation(model, prompt_ids(longest, model.id_limit, seed=9), 4)  # the longest shapes run once
     timed_generation(model, prompt_ids(opts.short_prompt, model.id_limit, seed=9), 8)
-    phase_done(f"warm-up ({longest}-token prompt)")
+    phases.done(f"warm-up ({longest}-token prompt)")
 
     say(f"decode, batch 1: {opts.short_prompt}-token prompt + {opts.new_tokens} new tokens x {opts.repeats} ...")
     report["decode"] = measure_decode(model, opts.short_prompt, opts.new_tokens, opts.repeats)
     say(f"  {report['decode']['tok_s']:.1f} tok/s")
-    phase_done(f"decode ({opts.short_prompt}-token prompt)")
+    phases.done(f"decode ({opts.short_prompt}-token prompt)")
     report["ttft"] = []
     for n in distinct_lengths(opts.ttft_prompts, model.n_positions, 1):
         say(f"time to first token, {n}-token prompt ...")
@@ -183,24 +212,20 @@ def run_bench(settings: ModelSettings, options: BenchOptions | None = None, *, r
     for n in distinct_lengths(opts.contexts, model.n_positions, opts.context_steps + 1):
         say(f"decode at {n} tokens of context ...")
         entry = measure_context(model, n, opts.context_steps, opts.repeats)
-        entry["kv_bytes_per_token"] = kv_bytes_per_token(cfg, entry["context"], model.runtime.kv_dtype.itemsize)
+        entry["kv_bytes_per_token"] = kv_bytes_per_token(model.cfg, entry["context"], model.runtime.kv_dtype.itemsize)
         report["context"].append(entry)
         say(f"  {entry['tok_s']:.1f} tok/s")
-    phase_done("long prompts and contexts")
+    phases.done("long prompts and contexts")
     say(f"concurrent requests {', '.join(map(str, opts.concurrency))} through the scheduler ...")
     report["concurrency"] = measure_concurrency(model, opts.concurrency, opts.short_prompt, opts.new_tokens)
     model.close()
     for c in report["concurrency"]:
         say(f"  {c['requests']}: {c['aggregate_tok_s']:.1f} tok/s together")
-    phase_done(f"{max(opts.concurrency)} concurrent requests")
+    phases.done(f"{max(opts.concurrency)} concurrent requests")
 
-    serving = [v for k, v in phase_peaks.items() if k != "load" and v is not None]
-    peak = max(serving) if serving else peak_rss_mb()
-    memory.update(peak_rss_mb=peak, peak_rss_includes_setup=not reset_ok, rss_end_mb=rss_mb(),
-                  peak_rss_by_phase_mb=phase_peaks)
-    report["memory"] = memory
 
-    # --- what the memory allows -----------------------------------------------------------------------
+def _roofline(report: dict[str, Any], bw: dict[str, Any], weights: dict[str, Any]) -> None:
+    """What the memory allows: bandwidth / bytes per step, against the measured decode."""
     ceiling = bw["bytes_per_s"] / weights["bytes_per_token"]
     report["roofline"] = {
         "bandwidth_gb_s": bw["gb_s"], "weight_mb_per_token": round(weights["bytes_per_token"] / MB, 2),
@@ -210,10 +235,6 @@ def run_bench(settings: ModelSettings, options: BenchOptions | None = None, *, r
     for entry in report["context"]:
         entry["ceiling_tok_s"] = round(bw["bytes_per_s"] / (weights["bytes_per_token"] + entry["kv_bytes_per_token"]),
                                        1)
-    machine["loadavg_end"] = [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None
-    report["seconds"] = round(time.perf_counter() - started, 1)
-    report["table"] = render_table(report)
-    return report
 
 
 
