@@ -38,13 +38,13 @@ from kolite.bench import peak_rss_mb, reset_peak_rss, rss_mb, write_json  # noqa
 from kolite.config import default_threads  # noqa: E402
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-def _start_server(model_dir: Path, home: Path, port: int, args: argparse.Namespace) -> subprocess.Popen:
+def start_server(model_dir: Path, home: Path, port: int, args: argparse.Namespace) -> subprocess.Popen:
     env = {**os.environ, "KOLITE_MODEL": str(model_dir), "KOLITE_KOLITE_HOME": str(home),
            "KOLITE_PRECISION": args.precision, "KOLITE_THREADS": str(args.threads),
            "KOLITE_MAX_BATCH": str(args.max_batch), "KOLITE_HOST": "127.0.0.1", "KOLITE_PORT": str(port),
@@ -60,7 +60,7 @@ def _cpu_seconds(server: psutil.Process) -> tuple[float, float]:
     return t.user + t.system, me.ru_utime + me.ru_stime
 
 
-def _wait_ready(base: str, proc: subprocess.Popen, limit: float = 900.0) -> None:
+def wait_ready(base: str, proc: subprocess.Popen, limit: float = 900.0) -> None:
     deadline = time.monotonic() + limit
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -100,7 +100,7 @@ async def _client(http: httpx.AsyncClient, prompt: str, new_tokens: int) -> dict
             "tokens_per_s": tokens / (ended - started)}
 
 
-async def _level(base: str, prompts: list[str], clients: int, new_tokens: int) -> dict[str, Any]:
+async def run_level(base: str, prompts: list[str], clients: int, new_tokens: int) -> dict[str, Any]:
     limits = httpx.Limits(max_connections=clients + 2)
     async with httpx.AsyncClient(base_url=base, timeout=600, limits=limits) as http:
         started = time.perf_counter()
@@ -138,25 +138,25 @@ def main(argv: list[str] | None = None) -> int:
     lines = bench_core.korean_lines()
     prompts = [" ".join(lines[i * 3:(i + 1) * 3]) for i in range(max(levels))]  # ~30-token Korean prompts
 
-    port = _free_port()
+    port = free_port()
     base = f"http://127.0.0.1:{port}"
-    proc = _start_server(model_dir, args.work_dir / "kolite-home", port, args)
+    proc = start_server(model_dir, args.work_dir / "kolite-home", port, args)
     peak_rss = 0
     try:
-        _wait_ready(base, proc)
+        wait_ready(base, proc)
         server = psutil.Process(proc.pid)
         # RSS when READY, and the start's peak (a first start also converts); then VmHWM starts afresh,
         # so the serving peak excludes loading
         ready = {"VmRSS": rss_mb(proc.pid), "VmHWM": peak_rss_mb(proc.pid)}
         if not reset_peak_rss(proc.pid):
             print("note: cannot reset the server's peak RSS; it includes loading", file=sys.stderr)
-        asyncio.run(_level(base, prompts, 1, 16))  # warm-up
+        asyncio.run(run_level(base, prompts, 1, 16))  # warm-up
         results = []
         for clients in levels:
             best = None
             for _ in range(args.repeats):
                 cpu = _cpu_seconds(server)
-                res = asyncio.run(_level(base, prompts, clients, args.new_tokens))
+                res = asyncio.run(run_level(base, prompts, clients, args.new_tokens))
                 # Where the two cores went: the server (engine + event loop) and this client process
                 res.update({k: round(after - before, 3) for k, before, after
                             in zip(("server_cpu_s", "client_cpu_s"), cpu, _cpu_seconds(server), strict=True)})

@@ -297,18 +297,18 @@ def phase_http(args: argparse.Namespace, pool: int) -> dict[str, Any]:
             text = text.rsplit(" ", 1)[0]
         prompts.append(text)
     os.environ["KOLITE_MAX_KV_TOKENS"] = str(pool)
-    port = bench_http._free_port()
+    port = bench_http.free_port()
     base = f"http://127.0.0.1:{port}"
     ns = argparse.Namespace(precision="int8", threads=args.threads, max_batch=args.max_batch)
-    proc = bench_http._start_server(args.model_dir, args.home, port, ns)
+    proc = bench_http.start_server(args.model_dir, args.home, port, ns)
     try:
-        bench_http._wait_ready(base, proc)
+        bench_http.wait_ready(base, proc)
         ready = status(proc.pid)
-        asyncio.run(bench_http._level(base, prompts, 1, 4))  # warm-up
+        asyncio.run(bench_http.run_level(base, prompts, 1, 4))  # warm-up
         reset_peak(proc.pid)
         sampler = Sampler(proc.pid)
         sampler.start()
-        level = asyncio.run(bench_http._level(base, prompts, args.streams, args.new_tokens))
+        level = asyncio.run(bench_http.run_level(base, prompts, args.streams, args.new_tokens))
         sampler.stop.set()
         sampler.join()
         peak = status(proc.pid)
