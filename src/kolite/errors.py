@@ -8,7 +8,7 @@ class KoliteError(Exception):
 
 
 class InvalidRequest(KoliteError):
-    """The caller asked for something impossible (HTTP 400/422)."""
+    """The caller asked for something impossible (HTTP 400)."""
 
     def __init__(self, message: str, param: str | None = None) -> None:
         super().__init__(message)

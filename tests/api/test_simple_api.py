@@ -129,18 +129,52 @@ async def test_stop_string_cuts_the_output(client: httpx.AsyncClient) -> None:
     ({"prompt": "hi", "do_sample": "maybe"}, "do_sample"),
     ({"prompt": "hi", "stop": [""]}, "stop"),
 ])
-async def test_invalid_fields_are_422(client: httpx.AsyncClient, payload: dict, param: str) -> None:
+async def test_invalid_fields_are_400(client: httpx.AsyncClient, payload: dict, param: str) -> None:
+    """As OpenAI answers them: 400, invalid_request_error, the field in `param` (not FastAPI's 422)."""
     r = await client.post("/generate", json=payload)
-    assert r.status_code == 422, r.text
+    assert r.status_code == 400, r.text
     err = _error(r)
     assert err["type"] == "invalid_request_error"
     assert err["param"].startswith(param)
 
 
-async def test_malformed_json_is_422(client: httpx.AsyncClient) -> None:
+async def test_malformed_json_is_400(client: httpx.AsyncClient) -> None:
     r = await client.post("/generate", content=b"{not json", headers={"content-type": "application/json"})
-    assert r.status_code == 422
-    _error(r)
+    assert r.status_code == 400
+    err = _error(r)
+    assert err["code"] == "invalid_json" and "JSON" in err["message"]
+
+
+BAD_TEXT = [  # (route, raw JSON body, param named): lone surrogates as JSON escapes and as raw bytes
+    ("/generate", b'{"prompt": "hi \\ud800 there"}', "prompt"),
+    ("/generate", b'{"prompt": "hi", "stop": ["\\udfff"]}', "stop"),
+    ("/v1/completions", b'{"model": "M", "prompt": ["\\ud83d"]}', "prompt"),
+    ("/v1/chat/completions", b'{"model": "M", "messages": [{"role": "user", "content": "\\ud800"}]}',
+     "messages.0.content"),
+    ("/v1/chat/completions", b'{"model": "M", "messages": [{"role": "user", "content": "a \xed\xa0\x80 b"}]}',
+     "messages.0.content"),
+    ("/v1/chat/completions",
+     b'{"model": "M", "messages": [{"role": "user", "content": [{"type": "text", "text": "\\udc00"}]}]}',
+     "messages.0.content"),
+]
+
+
+@pytest.mark.parametrize(("route", "body", "param"), BAD_TEXT)
+async def test_lone_surrogates_are_400_naming_the_field(client: httpx.AsyncClient, tiny_model_dir: Path,
+                                                        route: str, body: bytes, param: str) -> None:
+    """Text that is not valid Unicode gets a 400 that says so and names the field, never a 500."""
+    body = body.replace(b'"M"', f'"{tiny_model_dir}"'.encode())
+    r = await client.post(route, content=body, headers={"content-type": "application/json"})
+    assert r.status_code == 400, r.text
+    err = _error(r)
+    assert err["param"] == param and "surrogate" in err["message"], err
+
+
+async def test_invalid_utf8_is_400(client: httpx.AsyncClient) -> None:
+    r = await client.post("/generate", content=b'{"prompt": "\xff\xfe bad"}',
+                          headers={"content-type": "application/json"})
+    assert r.status_code == 400, r.text
+    assert _error(r)["type"] == "invalid_request_error"
 
 
 async def test_context_overflow_is_400(client: httpx.AsyncClient) -> None:

@@ -81,14 +81,20 @@ async def _kolite_error(_: Request, exc: Exception) -> JSONResponse:
 
 
 async def _validation_error(_: Request, exc: Exception) -> JSONResponse:
+    """A body that is not JSON, or fields out of range: 400, as OpenAI answers both (its
+    invalid_request_error, naming the field in `param`), never FastAPI's 422."""
     assert isinstance(exc, RequestValidationError)
     errors = exc.errors()
     first = errors[0] if errors else {}
+    if first.get("type") == "json_invalid":
+        detail = (first.get("ctx") or {}).get("error") or first.get("msg")
+        return error_response(400, f"could not parse the JSON body of the request: {detail}",
+                              "invalid_request_error", None, "invalid_json")
     loc = [str(p) for p in first.get("loc", ()) if p != "body"]
     message = "; ".join(
         f"{'.'.join(str(p) for p in e.get('loc', ()) if p != 'body') or 'body'}: {e.get('msg')}" for e in errors
     )
-    return error_response(422, message or "invalid request", "invalid_request_error",
+    return error_response(400, message or "invalid request", "invalid_request_error",
                           ".".join(loc) or None, "invalid_value")
 
 

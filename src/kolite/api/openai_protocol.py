@@ -14,7 +14,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, field_validator, model_serializer
 
-from kolite.api.protocol import Usage, check_stops, stop_tuple
+from kolite.api.protocol import TextFields, Usage, check_stops, stop_tuple
 from kolite.engine.sampling import SamplingParams
 from kolite.errors import InvalidRequest
 
@@ -31,7 +31,7 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-class SamplingFields(BaseModel):
+class SamplingFields(TextFields):
     """Fields shared by completions and chat completions."""
 
     model_config = ConfigDict(extra="ignore")
@@ -97,7 +97,7 @@ class CompletionRequest(SamplingFields):
                                  param="prompt")
 
 
-class ChatMessageIn(BaseModel):
+class ChatMessageIn(TextFields):
     """A message as sent; its role and content are checked and its text parts joined by
     `kolite.chat.validate_messages`, the one rule for every way a conversation comes in."""
 

@@ -7,6 +7,7 @@ When neither is given, 64 new tokens are generated.
 
 from __future__ import annotations
 
+import re
 from typing import Literal
 
 from pydantic import BaseModel, Field, field_validator
@@ -18,6 +19,30 @@ LENGTH_LIMIT = 32768  # a sanity bound; the model's own context window is checke
 
 
 MAX_STOPS = 16
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def reject_surrogates(value: object) -> object:
+    """Text must be valid Unicode: a lone surrogate (JSON "\\ud800", or the bytes ED A0 80 in a body)
+    cannot be encoded as UTF-8, and the tokenizer would fail on it; refuse it with the field's name."""
+    if isinstance(value, str):
+        found = _SURROGATE.search(value)
+        if found:
+            raise ValueError(f"contains a lone surrogate (U+{ord(found.group()):04X}) at character {found.start()}; "
+                             "text must be valid UTF-8")
+    elif isinstance(value, list | tuple):
+        for item in value:
+            reject_surrogates(item)
+    elif isinstance(value, dict):
+        for item in value.values():
+            reject_surrogates(item)
+    return value
+
+
+class TextFields(BaseModel):
+    """Every string of a request, at any depth, is checked by `reject_surrogates` (a 400 naming it)."""
+
+    _valid_text = field_validator("*")(lambda v: reject_surrogates(v))
 
 
 def check_stops(value: str | list[str] | None) -> str | list[str] | None:
@@ -36,7 +61,7 @@ def stop_tuple(value: str | list[str] | None) -> tuple[str, ...]:
     return (value,) if isinstance(value, str) else tuple(value)
 
 
-class GenerateRequest(BaseModel):
+class GenerateRequest(TextFields):
     prompt: str = Field(..., description="Text to continue (not written to the log).")
     max_length: int | None = Field(None, ge=1, le=LENGTH_LIMIT,
                                    description="Prompt tokens + new tokens, as in transformers.")
