@@ -179,6 +179,10 @@ class ServerSettings(BaseSettings):
     max_batch: int = Field(8, ge=1, le=256, description="Requests decoded together in one batch.")
     max_queue: int = Field(64, ge=0, le=100_000, description="Requests waiting for a batch slot; more get HTTP 429.")
     request_timeout: float = Field(600.0, gt=0, description="Seconds a request may take before it is stopped (504).")
+    max_body_bytes: int = Field(
+        2 * 2**20, ge=1024, le=1 << 40,
+        description="Largest request body accepted; a larger one gets 413 before it is read (KoGPT2's whole "
+        "1024-token window is a few KB of text).")
     served_model_name: str | None = Field(None, description="Model name the API shows and accepts (default: --model).")
     log_prompts: bool = Field(False, description="Write prompts and outputs to the log (off: they are private).")
     log_level: str = Field("info", description="uvicorn/kolite log level.")

@@ -11,6 +11,7 @@ from fastapi import FastAPI
 from kolite import __version__
 from kolite.api import routes_openai, routes_simple
 from kolite.api.errors import install_error_handlers
+from kolite.api.limits import BodySizeLimit
 from kolite.api.openai_serving import OpenAIServing
 from kolite.api.simple_serving import SimpleServing
 from kolite.config import ModelSettings, ServerSettings
@@ -43,6 +44,7 @@ def create_app(
     app.state.simple = SimpleServing(svc, log_prompts=server_settings.log_prompts)
     app.state.openai = OpenAIServing(svc, server_settings.served_model_name, log_prompts=server_settings.log_prompts)
     install_error_handlers(app)
+    app.add_middleware(BodySizeLimit, limit=server_settings.max_body_bytes)
     app.include_router(routes_simple.router)
     app.include_router(routes_openai.router)
     return app

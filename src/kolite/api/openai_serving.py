@@ -6,6 +6,7 @@ OpenAI shapes and kolite's service, never HTTP details beyond producing SSE payl
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator
 
@@ -30,7 +31,7 @@ from kolite.api.serving import Generation, Serving, finish_reason_of, usage_of
 from kolite.chat.prompt import build_chat_prompt
 from kolite.engine.sequence import TokenEvent
 from kolite.errors import InvalidRequest, ModelNotFound
-from kolite.service import ModelService
+from kolite.service import LoadedModel, ModelService
 
 CHAT_ANSWER_RESERVE = 256  # tokens kept free for the answer when a chat request gives no max_tokens
 
@@ -53,21 +54,11 @@ class OpenAIServing(Serving):
                                 param="model")
 
     # completions --------------------------------------------------------------------------
-    def completion(self, req: CompletionRequest) -> Generation:
+    async def completion(self, req: CompletionRequest) -> Generation:
         self.check_model(req.model)
         req.check_supported()
         model = self.service.ready_model()
-        prompt = req.prompt
-        if isinstance(prompt, list) and prompt and isinstance(prompt[0], int):
-            ids = [int(t) for t in prompt]
-            if any(t < 0 or t >= model.prepared.config.vocab_size for t in ids):
-                raise InvalidRequest("prompt token ids out of the vocabulary", param="prompt")
-            text = model.tokenizer.decode(ids)
-        else:
-            text = (prompt[0] if prompt else "") if isinstance(prompt, list) else prompt
-            if not isinstance(text, str) or not text:
-                raise InvalidRequest("prompt must not be empty", param="prompt")
-            ids = model.tokenizer.encode(text)
+        text, ids = await asyncio.to_thread(self._prompt, model, req.prompt)  # tokenizing: not on the event loop
         max_new = req.max_tokens if req.max_tokens is not None else model.n_positions - len(ids)
         stream = self.submit(model, text, ids, req.to_sampling_params(max_new))
         echo = text if req.echo else ""
@@ -102,15 +93,29 @@ class OpenAIServing(Serving):
 
         return Generation(stream, response, chunks)
 
+    @staticmethod
+    def _prompt(model: LoadedModel, prompt: str | list[str] | list[int]) -> tuple[str, list[int]]:
+        """A completion's prompt as text and ids: token ids as given (checked), or the text tokenized."""
+        if isinstance(prompt, list) and prompt and isinstance(prompt[0], int):
+            ids = [int(t) for t in prompt]  # type: ignore[arg-type]
+            if any(t < 0 or t >= model.prepared.config.vocab_size for t in ids):
+                raise InvalidRequest("prompt token ids out of the vocabulary", param="prompt")
+            return model.tokenizer.decode(ids), ids
+        text = (prompt[0] if prompt else "") if isinstance(prompt, list) else prompt
+        if not isinstance(text, str) or not text:
+            raise InvalidRequest("prompt must not be empty", param="prompt")
+        return text, model.tokenizer.encode(text)
+
     # chat completions ---------------------------------------------------------------------
-    def chat(self, req: ChatCompletionRequest) -> Generation:
+    async def chat(self, req: ChatCompletionRequest) -> Generation:
         self.check_model(req.model)
         req.check_supported()
         model = self.service.ready_model()
         messages = [{"role": m.role, "content": m.content} for m in req.messages]
         limit = req.new_token_limit
         reserve = limit if limit is not None else min(CHAT_ANSWER_RESERVE, model.n_positions // 4)
-        prompt = build_chat_prompt(messages, model.chat_template, model.tokenizer, model.n_positions - reserve)
+        prompt = await asyncio.to_thread(build_chat_prompt, messages, model.chat_template, model.tokenizer,
+                                         model.n_positions - reserve)  # templating and tokenizing: off the loop
         max_new = limit if limit is not None else model.n_positions - len(prompt.ids)
         params = req.to_sampling_params(max_new, prompt.stop_ids, prompt.stop_strings)
         stream = self.submit(model, model.tokenizer.decode(prompt.ids), prompt.ids, params)

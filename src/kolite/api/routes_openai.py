@@ -23,9 +23,9 @@ async def models(request: Request) -> ModelList:
 
 @router.post("/completions", response_model=None)
 async def completions(req: CompletionRequest, request: Request) -> object:
-    return await respond(request, req.stream, _serving(request).completion(req))
+    return await respond(request, req.stream, await _serving(request).completion(req))
 
 
 @router.post("/chat/completions", response_model=None)
 async def chat_completions(req: ChatCompletionRequest, request: Request) -> object:
-    return await respond(request, req.stream, _serving(request).chat(req))
+    return await respond(request, req.stream, await _serving(request).chat(req))

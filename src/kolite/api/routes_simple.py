@@ -30,4 +30,4 @@ async def health(request: Request) -> JSONResponse:
 
 @router.post("/generate", response_model=GenerateResponse)
 async def generate(req: GenerateRequest, request: Request) -> object:
-    return await respond(request, req.stream, _serving(request).generate(req))
+    return await respond(request, req.stream, await _serving(request).generate(req))

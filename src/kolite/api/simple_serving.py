@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator
 
@@ -36,9 +37,9 @@ class SimpleServing(Serving):
         ready = svc.state is State.READY
         return {"status": "ok" if ready else svc.state.value.lower(), "model": svc.model_name}, 200 if ready else 503
 
-    def generate(self, req: GenerateRequest) -> Generation:
+    async def generate(self, req: GenerateRequest) -> Generation:
         model = self.service.ready_model()
-        prompt_ids = model.tokenizer.encode(req.prompt)
+        prompt_ids = await asyncio.to_thread(model.tokenizer.encode, req.prompt)  # a long prompt: not on the loop
         params = req.to_sampling_params(new_token_budget(req, len(prompt_ids)))
         stream = self.submit(model, req.prompt, prompt_ids, params)
 
