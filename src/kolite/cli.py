@@ -44,7 +44,9 @@ def add_settings_flags(parser: argparse.ArgumentParser, settings_cls: type[BaseS
         env = f"KOLITE_{name.upper()}"
         help_text = f"{field.description or ''} [env {env}]"
         ftype, choices = _flag_type(field.annotation)
-        if ftype is None:
+        if typing.get_origin(field.annotation) is list:  # repeat the flag for several values
+            group.add_argument(flag, dest=name, action="append", default=None, help=help_text)
+        elif ftype is None:
             group.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         else:
             group.add_argument(flag, dest=name, type=ftype, choices=choices, default=None, help=help_text)
@@ -98,6 +100,10 @@ def cmd_serve(ns: argparse.Namespace) -> int:
     # kolite's own messages at the chosen level; libraries (the quantizer logs to root) stay at WARNING
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("kolite").setLevel(server_settings.log_level.upper())
+    if server_settings.binds_all_interfaces and not server_settings.api_keys():
+        logging.getLogger("kolite").warning(
+            "listening on all interfaces (%s) without an API key: anyone who can reach this machine can use the "
+            "model; set --api-key (or KOLITE_API_KEY) on a shared network", server_settings.host)
     app = create_app(model_settings, server_settings)
     uvicorn.run(app, host=server_settings.host, port=server_settings.port, log_level=server_settings.log_level)
     return 0

@@ -9,10 +9,10 @@ from __future__ import annotations
 import math
 import os
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 DEFAULT_MODEL = "skt/kogpt2-base-v2"
 Precision = Literal["auto", "int8", "int4", "fp32"]
@@ -183,6 +183,50 @@ class ServerSettings(BaseSettings):
         2 * 2**20, ge=1024, le=1 << 40,
         description="Largest request body accepted; a larger one gets 413 before it is read (KoGPT2's whole "
         "1024-token window is a few KB of text).")
-    served_model_name: str | None = Field(None, description="Model name the API shows and accepts (default: --model).")
+    served_model_name: str | None = Field(
+        None, description="Model name the API shows and accepts (default: --model, a local folder by its name only).")
+    api_key: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="API key clients must send as `Authorization: Bearer KEY`; repeat the flag "
+        "(or comma-separate the env var) for several. None: no key needed. / and /health stay open.")
+    api_key_file: Path | None = Field(None, description="A file of API keys, one per line (# comments allowed).")
+    cors_origins: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="Browser origins allowed to call the API (CORS), e.g. "
+        "http://localhost:3000; '*' for any. None: CORS off.")
+    allowed_hosts: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="Host header values accepted (against DNS rebinding); '*.lan' wildcards. "
+        "Default: localhost names when bound to a loopback address, any host otherwise.")
+
+    @field_validator("api_key", "cors_origins", "allowed_hosts", mode="before")
+    @classmethod
+    def _comma_list(cls, value: object) -> object:
+        """A plain env var (KOLITE_API_KEY=a,b) or one flag value is a comma-separated list."""
+        if isinstance(value, str):
+            return [v.strip() for v in value.split(",") if v.strip()]
+        if isinstance(value, list):
+            return [v.strip() for item in value for v in str(item).split(",") if v.strip()]
+        return value
+
+    def api_keys(self) -> list[str]:
+        """--api-key values and the lines of --api-key-file, together."""
+        keys = list(self.api_key)
+        if self.api_key_file is not None:
+            try:
+                lines = self.api_key_file.read_text(encoding="utf-8").splitlines()
+            except OSError as exc:
+                raise ValueError(f"cannot read --api-key-file {self.api_key_file}: {exc}") from exc
+            keys += [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+        return keys
+
+    def trusted_hosts(self) -> list[str]:
+        """The Host headers to accept: the setting, else localhost names on a loopback bind, else any."""
+        if self.allowed_hosts:
+            return self.allowed_hosts
+        if self.host in ("127.0.0.1", "localhost", "::1") or self.host.startswith("127."):
+            return ["localhost", "127.0.0.1", "::1", "[::1]", self.host]
+        return ["*"]
+
+    @property
+    def binds_all_interfaces(self) -> bool:
+        return self.host in ("0.0.0.0", "::", "")
     log_prompts: bool = Field(False, description="Write prompts and outputs to the log (off: they are private).")
     log_level: str = Field("info", description="uvicorn/kolite log level.")

@@ -25,6 +25,7 @@ from kolite.engine.scheduler import EngineRequest, Scheduler, SchedulerOptions
 from kolite.engine.sequence import Finish, Sequence, TokenEvent
 from kolite.errors import GenerationFailed, ModelFormatError, ModelNotReady, RequestTimeout, ShuttingDown
 from kolite.models.profiles import profile_for
+from kolite.models.resolve import public_name
 from kolite.models.tokenizer_config import read_chat_template, read_tokenizer_config
 from kolite.tokenizer import Tokenizer
 
@@ -88,7 +89,7 @@ class ModelService:
                  loader: Callable[[ModelSettings], LoadedModel] = load_model,
                  scheduler_options: SchedulerOptions | None = None) -> None:
         self.settings = settings
-        self.model_name = settings.model
+        self.model_name = public_name(settings.model)  # a local folder by its name, never its path
         self._loader = loader
         options = scheduler_options or SchedulerOptions()
         if options.max_kv_tokens is None:  # the setting, unless the caller chose a pool

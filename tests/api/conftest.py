@@ -17,7 +17,7 @@ from tests.conftest import make_service
 def make_client(service: ModelService, **server: object) -> httpx.AsyncClient:
     app = create_app(server_settings=ServerSettings(**server), service=service)
     service.start_loading()
-    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://kolite.test", timeout=30)
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://localhost", timeout=30)
 
 
 @pytest.fixture()

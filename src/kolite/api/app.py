@@ -7,9 +7,12 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from starlette.middleware.cors import CORSMiddleware
+from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 from kolite import __version__
 from kolite.api import routes_openai, routes_simple
+from kolite.api.access import ApiKeyAuth
 from kolite.api.errors import install_error_handlers
 from kolite.api.limits import BodySizeLimit
 from kolite.api.openai_serving import OpenAIServing
@@ -44,7 +47,15 @@ def create_app(
     app.state.simple = SimpleServing(svc, log_prompts=server_settings.log_prompts)
     app.state.openai = OpenAIServing(svc, server_settings.served_model_name, log_prompts=server_settings.log_prompts)
     install_error_handlers(app)
+    # Added innermost first: a request meets the Host check, then CORS, then the key, then the body limit.
     app.add_middleware(BodySizeLimit, limit=server_settings.max_body_bytes)
+    keys = server_settings.api_keys()
+    if keys:
+        app.add_middleware(ApiKeyAuth, keys=keys)
+    if server_settings.cors_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=server_settings.cors_origins, allow_methods=["GET", "POST"],
+                           allow_headers=["*"], expose_headers=["x-request-id"], max_age=600)
+    app.add_middleware(TrustedHostMiddleware, allowed_hosts=server_settings.trusted_hosts())
     app.include_router(routes_simple.router)
     app.include_router(routes_openai.router)
     return app

@@ -49,7 +49,8 @@ class OpenAIServing(Serving):
         return ModelList(data=[ModelCard(id=self.model_id, created=self._created)])
 
     def check_model(self, name: str) -> None:
-        if name != self.model_id:
+        """The served name, or the --model value it came from (a client that knows it learns nothing)."""
+        if name not in (self.model_id, self.service.settings.model):
             raise ModelNotFound(f"model {name!r} is not served here; this server serves {self.model_id!r}",
                                 param="model")
 

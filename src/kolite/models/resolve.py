@@ -141,6 +141,15 @@ def resolve_model(
     return _hub_files(name, revision, cache_dir, progress)
 
 
+def public_name(model: str) -> str:
+    """The name a model is shown by: a hub id as it is, a local folder by its folder name only (an
+    absolute path would tell every client where the server's files live)."""
+    path = Path(model).expanduser()
+    if _looks_like_path(model) or path.is_dir():
+        return path.resolve().name or model
+    return model
+
+
 def hub_offline() -> bool:
     """HF_HUB_OFFLINE as huggingface_hub read it at import, or as the environment says now."""
     from huggingface_hub import constants
