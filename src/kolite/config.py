@@ -179,6 +179,9 @@ class ServerSettings(BaseSettings):
     max_batch: int = Field(8, ge=1, le=256, description="Requests decoded together in one batch.")
     max_queue: int = Field(64, ge=0, le=100_000, description="Requests waiting for a batch slot; more get HTTP 429.")
     request_timeout: float = Field(600.0, gt=0, description="Seconds a request may take before it is stopped (504).")
+    shutdown_timeout: float = Field(
+        30.0, ge=0, le=3600, description="Seconds running requests get to finish after SIGTERM/SIGINT; those still "
+        "running then end with an error the client sees (and [DONE] when streaming).")
     max_body_bytes: int = Field(
         2 * 2**20, ge=1024, le=1 << 40,
         description="Largest request body accepted; a larger one gets 413 before it is read (KoGPT2's whole "

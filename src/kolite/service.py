@@ -100,6 +100,7 @@ class ModelService:
         self.model: LoadedModel | None = None
         self.scheduler: Scheduler | None = None
         self._loading: threading.Thread | None = None
+        self.draining = False  # SIGTERM/SIGINT: no new requests, running ones finish (see kolite.api.server)
         self._mailboxes: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Mailbox] = weakref.WeakKeyDictionary()
 
     # lifecycle -----------------------------------------------------------------------------
@@ -129,11 +130,23 @@ class ModelService:
         return self.state
 
     def shutdown(self) -> None:
+        """Stop the engine: requests still running end with ShuttingDown (503, an error event in a stream)."""
+        self.draining = True
         if self.scheduler is not None:
             self.scheduler.stop()
 
+    def busy(self) -> bool:
+        """Whether any request is running or waiting in the engine."""
+        return self.scheduler is not None and self.scheduler.busy
+
+    def begin_drain(self) -> None:
+        """Take no new requests (503) and report not-ready in /health; running ones go on."""
+        self.draining = True
+
     # generation ----------------------------------------------------------------------------
     def ready_model(self) -> LoadedModel:
+        if self.draining:
+            raise ShuttingDown("the server is shutting down: it takes no new requests")
         if self.state is State.READY and self.model is not None:
             return self.model
         if self.state is State.ERROR:

@@ -34,8 +34,9 @@ class SimpleServing(Serving):
 
     def health(self) -> tuple[dict[str, str], int]:
         svc = self.service
-        ready = svc.state is State.READY
-        return {"status": "ok" if ready else svc.state.value.lower(), "model": svc.model_name}, 200 if ready else 503
+        ready = svc.state is State.READY and not svc.draining
+        status = "ok" if ready else "draining" if svc.draining else svc.state.value.lower()
+        return {"status": status, "model": svc.model_name}, 200 if ready else 503
 
     async def generate(self, req: GenerateRequest) -> Generation:
         model = self.service.ready_model()

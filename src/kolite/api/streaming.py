@@ -15,6 +15,7 @@ from sse_starlette.sse import EventSourceResponse
 from starlette.requests import Request
 
 from kolite.api.errors import error_event
+from kolite.api.server import MARGIN_S
 from kolite.api.serving import Generation
 from kolite.service import EventStream
 
@@ -37,7 +38,10 @@ def sse_response(payloads: AsyncIterator[str], stream: EventStream) -> EventSour
             stream.cancel()
         yield {"data": "[DONE]"}
 
-    return EventSourceResponse(events(), ping=15, headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    # At shutdown sse-starlette would cancel the stream at once; the grace lets kolite's drain end it with
+    # its error event and [DONE] (kolite.api.server).
+    return EventSourceResponse(events(), ping=15, shutdown_grace_period=MARGIN_S,
+                               headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
 async def respond(request: Request, streaming: bool, generation: Generation) -> object:

@@ -146,6 +146,11 @@ class Scheduler:
     def waiting(self) -> int:
         return len(self._waiting)
 
+    @property
+    def busy(self) -> bool:
+        """Whether a request is running, being prefilled or waiting (read from any thread: a snapshot)."""
+        return bool(self._batch.rows or self._prefilling is not None or self._waiting)
+
     def stop(self, timeout: float = 5.0) -> None:
         with self._cond:
             self._stopping = True
