@@ -16,6 +16,7 @@ from kolite.api.access import ApiKeyAuth
 from kolite.api.errors import install_error_handlers
 from kolite.api.limits import BodySizeLimit
 from kolite.api.openai_serving import OpenAIServing
+from kolite.api.request_id import RequestId
 from kolite.api.simple_serving import SimpleServing
 from kolite.config import ModelSettings, ServerSettings
 from kolite.engine.scheduler import SchedulerOptions
@@ -47,7 +48,7 @@ def create_app(
     app.state.simple = SimpleServing(svc, log_prompts=server_settings.log_prompts)
     app.state.openai = OpenAIServing(svc, server_settings.served_model_name, log_prompts=server_settings.log_prompts)
     install_error_handlers(app)
-    # Added innermost first: a request meets the Host check, then CORS, then the key, then the body limit.
+    # Added innermost first: a request gets its id, meets the Host check, CORS, the key, then the body limit.
     app.add_middleware(BodySizeLimit, limit=server_settings.max_body_bytes)
     keys = server_settings.api_keys()
     if keys:
@@ -56,6 +57,7 @@ def create_app(
         app.add_middleware(CORSMiddleware, allow_origins=server_settings.cors_origins, allow_methods=["GET", "POST"],
                            allow_headers=["*"], expose_headers=["x-request-id"], max_age=600)
     app.add_middleware(TrustedHostMiddleware, allowed_hosts=server_settings.trusted_hosts())
+    app.add_middleware(RequestId)  # outermost: every answer, refusals included, carries x-request-id
     app.include_router(routes_simple.router)
     app.include_router(routes_openai.router)
     return app

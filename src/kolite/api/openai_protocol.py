@@ -149,6 +149,7 @@ class CompletionResponse(BaseModel):
 class ChatMessageOut(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str
+    refusal: None = None  # OpenAI's field: always null here (a GPT-2 does not refuse)
 
 
 class ChatChoice(BaseModel):

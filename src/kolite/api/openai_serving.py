@@ -48,6 +48,11 @@ class OpenAIServing(Serving):
     def models(self) -> ModelList:
         return ModelList(data=[ModelCard(id=self.model_id, created=self._created)])
 
+    def model(self, name: str) -> ModelCard:
+        """`GET /v1/models/{model}`: the served model's card (404 for any other name)."""
+        self.check_model(name)
+        return ModelCard(id=self.model_id, created=self._created)
+
     def check_model(self, name: str) -> None:
         """The served name, or the --model value it came from (a client that knows it learns nothing)."""
         if name not in (self.model_id, self.service.settings.model):

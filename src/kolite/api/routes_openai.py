@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Request
 
-from kolite.api.openai_protocol import ChatCompletionRequest, CompletionRequest, ModelList
+from kolite.api.openai_protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
 from kolite.api.openai_serving import OpenAIServing
 from kolite.api.streaming import respond
 
@@ -19,6 +19,12 @@ def _serving(request: Request) -> OpenAIServing:
 @router.get("/models", response_model=ModelList)
 async def models(request: Request) -> ModelList:
     return _serving(request).models()
+
+
+@router.get("/models/{model:path}", response_model=ModelCard)
+async def model(model: str, request: Request) -> ModelCard:
+    """One model's card; ids may hold slashes (`skt/kogpt2-base-v2`)."""
+    return _serving(request).model(model)
 
 
 @router.post("/completions", response_model=None)
