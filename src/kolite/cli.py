@@ -104,9 +104,8 @@ def cmd_serve(ns: argparse.Namespace) -> int:
             "listening on all interfaces (%s) without an API key: anyone who can reach this machine can use the "
             "model; set --api-key (or KOLITE_API_KEY) on a shared network", server_settings.host)
     app = create_app(model_settings, server_settings)
-    server.run(app, host=server_settings.host, port=server_settings.port, log_level=server_settings.log_level,
-               shutdown_timeout=server_settings.shutdown_timeout)
-    return 0
+    return server.run(app, host=server_settings.host, port=server_settings.port,
+                      log_level=server_settings.log_level, shutdown_timeout=server_settings.shutdown_timeout)
 
 
 def cmd_pull(ns: argparse.Namespace) -> int:

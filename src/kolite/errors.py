@@ -36,6 +36,10 @@ class ModelNotFound(KoliteError):
         self.param = param
 
 
+class HubUnreachable(ModelNotFound):
+    """The hub could not be reached and the model is not in the local cache: a retry may fix it."""
+
+
 class ModelFormatError(KoliteError):
     """Checkpoint files exist but are not a GPT-2 family model kolite can convert."""
 

@@ -23,7 +23,14 @@ from kolite.engine.runtime import GPT2Runtime, RuntimeOptions
 from kolite.engine.sampling import SamplingParams
 from kolite.engine.scheduler import EngineRequest, Scheduler, SchedulerOptions
 from kolite.engine.sequence import Finish, Sequence, TokenEvent
-from kolite.errors import GenerationFailed, ModelFormatError, ModelNotReady, RequestTimeout, ShuttingDown
+from kolite.errors import (
+    GenerationFailed,
+    HubUnreachable,
+    ModelFormatError,
+    ModelNotReady,
+    RequestTimeout,
+    ShuttingDown,
+)
 from kolite.models.profiles import profile_for
 from kolite.models.resolve import public_name
 from kolite.models.tokenizer_config import read_chat_template, read_tokenizer_config
@@ -31,6 +38,9 @@ from kolite.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
+
+RETRY_FIRST_S = 5.0  # the first wait before loading again after the hub could not be reached
+RETRY_MAX_S = 300.0
 
 class State(enum.StrEnum):
     LOADING = "LOADING"
@@ -101,6 +111,8 @@ class ModelService:
         self.scheduler: Scheduler | None = None
         self._loading: threading.Thread | None = None
         self.draining = False  # SIGTERM/SIGINT: no new requests, running ones finish (see kolite.api.server)
+        self.on_fatal: Callable[[], None] | None = None  # called when loading failed for good
+        self._stopped = threading.Event()
         self._mailboxes: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Mailbox] = weakref.WeakKeyDictionary()
 
     # lifecycle -----------------------------------------------------------------------------
@@ -112,17 +124,34 @@ class ModelService:
         self._loading.start()
 
     def _load(self) -> None:
-        try:
-            model = self._loader(self.settings)
-            self.scheduler = Scheduler(model.runtime, self._scheduler_options)
-            self.model = model = replace(model, kv_pool=self.scheduler.kv_pool)  # a copy: loaders may share one
-        except Exception as exc:  # any failure must surface as ERROR with its reason
-            log.exception("loading %s failed", self.model_name)
-            self.error = f"{type(exc).__name__}: {exc}"
-            self.state = State.ERROR
-            return
+        """Load once; a hub that cannot be reached is retried with backoff (GET / says ERROR and why
+        meanwhile), any other failure is final: one clear log line (the traceback at debug level), state
+        ERROR, and `on_fatal` (the server then exits non-zero, so a service manager sees it)."""
+        delay = RETRY_FIRST_S
+        while True:
+            try:
+                model = self._loader(self.settings)
+                self.scheduler = Scheduler(model.runtime, self._scheduler_options)
+                self.model = model = replace(model, kv_pool=self.scheduler.kv_pool)  # a copy: loaders may share one
+                break
+            except HubUnreachable as exc:
+                self.error = f"{type(exc).__name__}: {exc} (retrying in {delay:g}s)"
+                self.state = State.ERROR
+                log.warning("loading %s: %s", self.model_name, self.error)
+                if self._stopped.wait(delay):
+                    return
+                delay = min(delay * 2, RETRY_MAX_S)
+            except Exception as exc:  # any other failure must surface as ERROR with its reason
+                self.error = f"{type(exc).__name__}: {exc}"
+                self.state = State.ERROR
+                log.error("loading %s failed: %s", self.model_name, self.error)
+                log.debug("loading %s failed", self.model_name, exc_info=True)
+                if self.on_fatal is not None:
+                    self.on_fatal()
+                return
         log.info("model %s ready (%s, %.1fs)", self.model_name, model.prepared.precision, model.load_seconds)
         self.state = State.READY
+        self.error = None
 
     def wait_loaded(self, timeout: float | None = None) -> State:
         if self._loading is not None:
@@ -132,6 +161,7 @@ class ModelService:
     def shutdown(self) -> None:
         """Stop the engine: requests still running end with ShuttingDown (503, an error event in a stream)."""
         self.draining = True
+        self._stopped.set()
         if self.scheduler is not None:
             self.scheduler.stop()
 

@@ -103,7 +103,7 @@ async def test_a_local_folder_is_served_under_its_name(svc: object, tiny_model_d
 def test_serving_all_interfaces_without_a_key_warns(monkeypatch: pytest.MonkeyPatch,
                                                      caplog: pytest.LogCaptureFixture) -> None:
     ran = []
-    monkeypatch.setattr("kolite.api.server.run", lambda app, **kw: ran.append(kw))
+    monkeypatch.setattr("kolite.api.server.run", lambda app, **kw: ran.append(kw) or 0)
     with caplog.at_level(logging.WARNING, logger="kolite"):
         assert main(["serve", "--host", "0.0.0.0", "--model", "distilgpt2"]) == 0
     assert ran and "without an API key" in caplog.text

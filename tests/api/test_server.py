@@ -107,3 +107,13 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def test_kolite_serve_exits_1_when_the_model_cannot_load(tmp_path: Path) -> None:
+    """A load failure a retry cannot fix: one clear line, no traceback, exit status 1 (systemd, Docker)."""
+    env = {**os.environ, "KOLITE_MODEL": str(tmp_path / "no-such-model"), "KOLITE_KOLITE_HOME": str(tmp_path / "home"),
+           "KOLITE_PORT": str(_free_port()), "KOLITE_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "kolite.cli", "serve"], env=env, capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 1, proc.stderr
+    assert "Traceback" not in proc.stderr and "failed" in proc.stderr

@@ -35,6 +35,14 @@ class KoliteServer(uvicorn.Server):
         super().__init__(config)
         self.shutdown_timeout = shutdown_timeout
         self._drain: threading.Thread | None = None
+        self.exit_code = 0
+        if self.service is not None:
+            self.service.on_fatal = self._fatal  # type: ignore[attr-defined]
+
+    def _fatal(self) -> None:
+        """Loading failed for good: exit with status 1, so systemd or Docker see the failure."""
+        self.exit_code = 1
+        self.should_exit = True
 
     @property
     def service(self) -> object:
@@ -82,7 +90,10 @@ class KoliteServer(uvicorn.Server):
                 signal.signal(sig, handler)
 
 
-def run(app: object, *, host: str, port: int, log_level: str, shutdown_timeout: float) -> None:
-    """Serve `app` until SIGTERM/SIGINT, then drain (see the module docstring)."""
+def run(app: object, *, host: str, port: int, log_level: str, shutdown_timeout: float) -> int:
+    """Serve `app` until SIGTERM/SIGINT (then drain, see the module docstring) or a load failure that a
+    retry cannot fix; returns the process's exit status (0, or 1 for that failure)."""
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level)  # type: ignore[arg-type]
-    KoliteServer(config, shutdown_timeout).run()
+    server = KoliteServer(config, shutdown_timeout)
+    server.run()
+    return server.exit_code

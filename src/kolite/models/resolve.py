@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from kolite.errors import ModelFormatError, ModelNotFound
+from kolite.errors import HubUnreachable, ModelFormatError, ModelNotFound
 from kolite.models.checkpoint import SAFETENSORS_NAME, SHARDED_MESSAGE, TORCH_BIN_NAME, WEIGHT_FILES, weights_in_folder
 from kolite.models.tokenizer_config import CHAT_TEMPLATE_FILE, TOKENIZER_CONFIG_FILE
 
@@ -280,7 +280,7 @@ def _hub_files(repo_id: str, revision: str | None, cache_dir: Path | None, progr
         try:
             return _cached_files(repo_id, revision, cache_dir)
         except ModelNotFound as missing:
-            raise ModelNotFound(f"the hub could not be reached ({exc}); {missing}") from exc
+            raise HubUnreachable(f"the hub could not be reached ({exc}); {missing}") from exc
 
 
 def _download(
