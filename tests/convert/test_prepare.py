@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -117,13 +118,61 @@ def test_weights_live_beside_the_graph_and_a_damaged_entry_is_rebuilt(folder: Pa
     first = prepare_model(settings)
     data = first.graph.with_name("model.onnx.data")
     assert data.is_file() and data.stat().st_size > first.graph.stat().st_size  # the weights are external
-    assert first.manifest["files"]["model.onnx.data"] == data.stat().st_size
+    assert first.manifest["files"]["model.onnx.data"]["size"] == data.stat().st_size
     with data.open("r+b") as fh:
         fh.truncate(data.stat().st_size // 2)
     again = prepare_model(settings)
     assert again.converted and again.graph_bytes == first.graph_bytes
     data.unlink()
     assert prepare_model(settings).converted
+
+
+@pytest.mark.parametrize("victim", ["model.onnx.data", "model.onnx", "model.onnx.tokens"])
+def test_same_size_corruption_is_found_and_rebuilt(folder: Path, tmp_path: Path, victim: str,
+                                                   caplog: pytest.LogCaptureFixture) -> None:
+    """A file changed in place without changing its size (zeroed weights, random bytes in the graph) is
+    found by its digest, reported, and rebuilt; the rebuilt model answers as the first one did."""
+    import numpy as np
+
+    from kolite.engine.runtime import GPT2Runtime
+
+    settings = ModelSettings(model=str(folder), kolite_home=tmp_path / "home")
+    first = prepare_model(settings)
+    want = GPT2Runtime(first.graph, first.config).prefill(0, [1, 2, 3, 4, 5])
+    path = first.graph.with_name(victim)
+    size = path.stat().st_size
+    path.write_bytes(bytes(size) if victim != "model.onnx" else np.random.default_rng(0).bytes(size))
+    with caplog.at_level("WARNING", logger="kolite"):
+        again = prepare_model(settings)
+    assert again.converted and f"{victim} does not match its manifest" in caplog.text
+    np.testing.assert_array_equal(GPT2Runtime(again.graph, again.config).prefill(0, [1, 2, 3, 4, 5]), want)
+    assert not prepare_model(settings).converted
+
+
+def test_a_killed_conversion_leaves_no_temp_folder_behind(folder: Path, tmp_path: Path) -> None:
+    """What a conversion killed with -9 left (its temporary folder) is removed at the next start."""
+    settings = ModelSettings(model=str(folder), kolite_home=tmp_path / "home")
+    entry = prepare_model(settings).graph.parent
+    stale = entry.parent / f".{entry.name}.tmp-abc123"
+    stale.mkdir()
+    (stale / "model.onnx.data").write_bytes(bytes(1024))
+    prepare_model(settings)
+    assert not stale.exists() and [p.name for p in entry.parent.iterdir() if ".tmp-" in p.name] == []
+
+
+def test_two_processes_converting_the_same_model_convert_once(folder: Path, tmp_path: Path) -> None:
+    """The second `kolite pull` waits for the first one's conversion (a file lock), then reuses it."""
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "kolite.cli", "pull", str(folder), "--kolite-home", str(tmp_path / "home")]
+    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    assert outs[0][0] == outs[1][0]  # the same graph
+    logs = [err for _out, err in outs]
+    converted = [bool(re.search(r"converted .+ to .+ in [0-9.]+s", err)) for err in logs]
+    assert sorted(converted) == [False, True] and sum("using converted graph" in err for err in logs) == 1
 
 
 def test_a_converter_code_change_is_reconverted(folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -161,7 +210,7 @@ def test_failed_conversion_leaves_nothing(folder: Path, tmp_path: Path, monkeypa
     monkeypatch.setattr("kolite.convert.graph.build_gpt2_graph", boom)
     with pytest.raises(RuntimeError, match="disk full"):
         prepare_model(ModelSettings(model=str(folder), kolite_home=home))
-    leftovers = [p for p in home.rglob("*") if p.is_file()]
+    leftovers = [p for p in home.rglob("*") if p.is_file() and p.suffix != ".lock"]  # the lock file stays, empty
     assert leftovers == []
 
 

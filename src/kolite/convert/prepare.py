@@ -23,7 +23,7 @@ from kolite import __version__
 from kolite.config import SMALL_MEMORY_BYTES, ModelSettings, memory_limit_bytes
 from kolite.engine.cpu import CpuInfo, auto_precision, detect, int8_weights_for
 from kolite.errors import ModelFormatError
-from kolite.models.cache import GRAPH, CacheEntry, entry_folder, file_fingerprint, lookup, write_entry
+from kolite.models.cache import GRAPH, CacheEntry, entry_folder, entry_lock, file_fingerprint, lookup, write_entry
 from kolite.models.gpt2_keys import GPT2Weights
 from kolite.models.gpt2config import GPT2Config
 from kolite.models.resolve import ModelFiles, resolve_model
@@ -218,6 +218,12 @@ def prepare_model(settings: ModelSettings, *, progress: Progress | None = None,
              f"{memory / 2**30:.1f} GB" if memory else "unknown", kernels.variant,
              f" ({' and '.join(auto)} auto)" if auto else "")
     folder = entry_folder(settings.kolite_home, files.name, files.revision, kernels.variant)
+    with entry_lock(folder):  # a second process waits for this one's conversion, then reuses it
+        return _lookup_or_convert(files, cfg, kernels, folder, say)
+
+
+def _lookup_or_convert(files: ModelFiles, cfg: GPT2Config, kernels: Kernels, folder: Path,
+                       say: Progress) -> PreparedModel:
     expected = _expected_manifest(files, kernels)
     entry: CacheEntry | None = lookup(folder, expected)
     if entry is not None:

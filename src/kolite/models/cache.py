@@ -1,24 +1,33 @@
-"""The converted-graph cache: one folder per model, revision and precision, written atomically.
+"""The converted-graph cache: one folder per model, revision and variant, written atomically.
 
 A conversion takes minutes on a Pi, so its result is kept and reused; a manifest records what it was
-made from (a cheap source fingerprint, kolite's graph version, onnx/onnxruntime versions), and any
-difference means the entry is stale and is rebuilt. Entries appear by a single rename, so a crash or
-a second process never leaves a half-written graph that a later start would trust.
+made from (a cheap source fingerprint, a digest of kolite's converter code, onnx/onnxruntime
+versions) and what it holds (each file's size and sha256), and any difference means the entry is
+stale or damaged and is rebuilt, never served: a file corrupted in place without changing its size
+is found by its digest. Entries appear by a single rename, so a crash never leaves a half-written
+graph that a later start would trust; `entry_lock` makes a second process wait for the first one's
+conversion instead of converting again, and removes what a killed conversion left.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
 import re
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from filelock import FileLock
+
 MANIFEST = "manifest.json"
 GRAPH = "model.onnx"
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -52,20 +61,48 @@ def file_fingerprint(path: Path) -> dict:
 
 
 def lookup(folder: Path, expected: dict) -> CacheEntry | None:
-    """The entry at `folder` if its manifest matches every key of `expected`, else None."""
+    """The entry at `folder` if its manifest matches every key of `expected` and every file it lists
+    has the size and sha256 recorded, else None (logged when the entry exists but is damaged)."""
     try:
         manifest = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        if folder.exists():
+            log.warning("the converted model in %s has no readable manifest: converting again", folder)
         return None
-    if not (folder / GRAPH).is_file():
+    if not isinstance(manifest, dict) or any(manifest.get(k) != v for k, v in expected.items()):
         return None
-    if any(manifest.get(k) != v for k, v in expected.items()):
+    files = manifest.get("files")
+    if not isinstance(files, dict) or GRAPH not in files:
         return None
-    for name, size in manifest.get("files", {}).items():  # a deleted or truncated weights file
+    for name, recorded in files.items():
         path = folder / name
-        if not path.is_file() or path.stat().st_size != size:
+        try:
+            ok = path.stat().st_size == recorded["size"] and file_sha256(path) == recorded["sha256"]
+        except (OSError, KeyError, TypeError):
+            ok = False
+        if not ok:
+            log.warning("the converted model in %s is damaged (%s does not match its manifest): converting again",
+                        folder, name)
             return None
     return CacheEntry(folder, manifest)
+
+
+def file_sha256(path: Path) -> str:
+    """sha256 of a file, read in blocks (KoGPT2 int8's 170 MB: about 0.2 s on a PC)."""
+    with open(path, "rb") as fh:
+        return hashlib.file_digest(fh, "sha256").hexdigest()
+
+
+@contextmanager
+def entry_lock(folder: Path) -> Iterator[None]:
+    """Hold `folder`'s conversion lock: a second process converting the same entry waits here, then
+    finds the first one's result. Temporary folders a killed conversion left are removed once held."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(folder.parent / f".{folder.name}.lock")):
+        for stale in folder.parent.glob(f".{folder.name}.tmp-*"):
+            log.info("removing %s, left by an interrupted conversion", stale)
+            shutil.rmtree(stale, ignore_errors=True)
+        yield
 
 
 def write_entry(folder: Path, manifest: dict, build: Callable[[Path], None]) -> CacheEntry:
@@ -76,7 +113,8 @@ def write_entry(folder: Path, manifest: dict, build: Callable[[Path], None]) -> 
         build(tmp)
         if not (tmp / GRAPH).is_file():
             raise RuntimeError("conversion produced no graph")
-        written.update(manifest, files={p.name: p.stat().st_size for p in sorted(tmp.iterdir()) if p.is_file()})
+        written.update(manifest, files={p.name: {"size": p.stat().st_size, "sha256": file_sha256(p)}
+                                        for p in sorted(tmp.iterdir()) if p.is_file()})
         (tmp / MANIFEST).write_text(json.dumps(written, indent=2, sort_keys=True), encoding="utf-8")
 
     publish_folder(folder, build_with_manifest)
