@@ -241,8 +241,18 @@ class EventStream:
         self._queue = queue
         self._timeout = timeout
         self._on_finish = on_finish
+        self.first_token_at: float | None = None  # when the consumer got the first token (time to first token)
         self._cancelled = False
         self.finish: Finish | None = None
+
+    @property
+    def submitted_at(self) -> float:
+        return self._request.submitted_at
+
+    @property
+    def started_at(self) -> float | None:
+        """When the engine began its prefill (None while it waits in the queue)."""
+        return self._request.started_at
 
     def cancel(self) -> None:
         self._cancelled = True
@@ -265,6 +275,8 @@ class EventStream:
             self.finish = event
             if self._on_finish is not None:
                 self._on_finish(event)
+        elif self.first_token_at is None:
+            self.first_token_at = time.monotonic()
         return event
 
     async def result(self) -> Finish:

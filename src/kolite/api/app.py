@@ -15,6 +15,7 @@ from kolite.api import routes_openai, routes_simple
 from kolite.api.access import ApiKeyAuth
 from kolite.api.errors import install_error_handlers
 from kolite.api.limits import BodySizeLimit
+from kolite.api.metrics import HttpMetrics, Metrics
 from kolite.api.openai_serving import OpenAIServing
 from kolite.api.request_id import RequestId
 from kolite.api.simple_serving import SimpleServing
@@ -45,10 +46,13 @@ def create_app(
     app = FastAPI(title="kolite", version=__version__, lifespan=lifespan,
                   description="Korean-first GPT-2 text generation (KoGPT2) on an int8 ONNX Runtime engine.")
     app.state.service = svc
-    app.state.simple = SimpleServing(svc, log_prompts=server_settings.log_prompts)
-    app.state.openai = OpenAIServing(svc, server_settings.served_model_name, log_prompts=server_settings.log_prompts)
+    app.state.metrics = metrics = Metrics(svc)
+    app.state.simple = SimpleServing(svc, log_prompts=server_settings.log_prompts, metrics=metrics)
+    app.state.openai = OpenAIServing(svc, server_settings.served_model_name, log_prompts=server_settings.log_prompts,
+                                     metrics=metrics)
     install_error_handlers(app)
     # Added innermost first: a request gets its id, meets the Host check, CORS, the key, then the body limit.
+    app.add_middleware(HttpMetrics, metrics=metrics)
     app.add_middleware(BodySizeLimit, limit=server_settings.max_body_bytes)
     keys = server_settings.api_keys()
     if keys:

@@ -10,6 +10,7 @@ import asyncio
 import json
 from collections.abc import AsyncIterator
 
+from kolite.api.metrics import Metrics
 from kolite.api.openai_protocol import (
     ChatChoice,
     ChatChunkChoice,
@@ -39,8 +40,9 @@ CHAT_ANSWER_RESERVE = 256  # tokens kept free for the answer when a chat request
 class OpenAIServing(Serving):
     """Builds engine requests from OpenAI requests and OpenAI answers from engine events."""
 
-    def __init__(self, service: ModelService, served_name: str | None = None, *, log_prompts: bool = False) -> None:
-        super().__init__(service, log_prompts=log_prompts)
+    def __init__(self, service: ModelService, served_name: str | None = None, *, log_prompts: bool = False,
+                 metrics: Metrics | None = None) -> None:
+        super().__init__(service, log_prompts=log_prompts, metrics=metrics)
         self.model_id = served_name or service.model_name
         self._created = now()
 

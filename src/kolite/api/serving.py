@@ -16,6 +16,7 @@ from typing import Literal
 
 from pydantic import BaseModel
 
+from kolite.api.metrics import Metrics
 from kolite.api.protocol import Usage
 from kolite.engine.sampling import SamplingParams
 from kolite.engine.sequence import Finish
@@ -36,16 +37,24 @@ class Generation:
 class Serving:
     """The service, and the `--log-prompts` switch every route honours."""
 
-    def __init__(self, service: ModelService, *, log_prompts: bool = False) -> None:
+    def __init__(self, service: ModelService, *, log_prompts: bool = False, metrics: Metrics | None = None) -> None:
         self.service = service
         self.log_prompts = log_prompts
+        self.metrics = metrics
 
     def submit(self, model: LoadedModel, prompt: str, prompt_ids: list[int], params: SamplingParams) -> EventStream:
-        """Queue the request; with `log_prompts`, its prompt and output are logged when it finishes."""
-        def log_it(finish: Finish) -> None:
-            log.info("prompt=%r output=%r", prompt, finish.text)
+        """Queue the request; when it finishes its figures go to the metrics and, with `log_prompts`, its
+        prompt and output to the log."""
+        streams: list[EventStream] = []
 
-        return self.service.submit(model, prompt_ids, params, on_finish=log_it if self.log_prompts else None)
+        def finished(finish: Finish) -> None:
+            if self.log_prompts:
+                log.info("prompt=%r output=%r", prompt, finish.text)
+            if self.metrics is not None:
+                self.metrics.observe(streams[0], finish)
+
+        streams.append(self.service.submit(model, prompt_ids, params, on_finish=finished))
+        return streams[0]
 
 
 def usage_of(finish: Finish) -> Usage:

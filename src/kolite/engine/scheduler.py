@@ -67,6 +67,8 @@ class EngineRequest:
     done: threading.Event = field(default_factory=threading.Event)
     pending: int = -1  # the sampled token the next decode step feeds
     kv_tokens: int = 0  # its reservation in the KV pool while it is prefilled or decoded
+    submitted_at: float = field(default_factory=time.monotonic)
+    started_at: float | None = None  # when its prefill began: submitted_at to this is its time in the queue
 
     def cancel(self) -> None:
         """Ask the engine to stop this request; it leaves within one step."""
@@ -143,7 +145,13 @@ class Scheduler:
         return len(self._batch.rows)
 
     @property
+    def running(self) -> int:
+        """Requests being decoded or prefilled now (a snapshot, from any thread)."""
+        return len(self._batch.rows) + (self._prefilling is not None)
+
+    @property
     def waiting(self) -> int:
+        """Requests queued for a row or for room in the KV pool (a snapshot)."""
         return len(self._waiting)
 
     @property
@@ -253,6 +261,7 @@ class Scheduler:
                 return None
             req = self._waiting.popleft()
         self.kv_reserved += req.kv_tokens
+        req.started_at = time.monotonic()
         self._prefilling = _Prefill(req, slot=len(self._batch.rows))
         return self._prefilling
 
