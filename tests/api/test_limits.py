@@ -64,13 +64,16 @@ async def test_a_chunked_oversized_body_is_413_after_the_limit(tiny_loaded: Load
 
 def test_a_10_mb_body_is_refused_at_once_while_health_answers(tiny_loaded: LoadedModel,
                                                                tiny_model_dir: Path) -> None:
-    """Over real HTTP (uvicorn): a 10 MB prompt gets 413 in well under a second, and /health answers in
-    under 100 ms while it is being sent."""
+    """Over real HTTP (uvicorn): a 10 MB prompt gets 413 in well under a second, and /health keeps
+    answering while it is being sent (measured 2-10 ms a probe, the first up to ~100 ms on a loaded
+    2-core host; client and server share this process's GIL, so the bound is 250 ms: a blocked event
+    loop, the bug this guards against, stalled /health for 11.7 s)."""
     svc = make_service(tiny_loaded, tiny_model_dir)
     app = create_app(server_settings=ServerSettings(), service=svc)
     with serve(app) as server:
         assert svc.wait_loaded(10) is State.READY
         base = server.base_url.removesuffix("/v1")
+        httpx.get(base + "/health", timeout=5)  # warm: the first connection's setup is not the point
         result: dict = {}
 
         def post_big() -> None:
@@ -89,7 +92,7 @@ def test_a_10_mb_body_is_refused_at_once_while_health_answers(tiny_loaded: Loade
             time.sleep(0.01)
         worker.join()
     assert result["status"] == 413 and result["seconds"] < 1.0, result
-    assert max(health) < 0.1, health
+    assert max(health) < 0.25, health
 
 
 async def test_a_long_prompt_is_tokenized_off_the_event_loop(tiny_loaded: LoadedModel, tiny_model_dir: Path,

@@ -9,16 +9,12 @@ Host header is checked.
 from __future__ import annotations
 
 import hmac
-import json
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from kolite.api.errors import send_error
+
 OPEN_PATHS = frozenset({"/", "/health"})  # status and health stay open: service managers probe them
-
-
-def _unauthorized(message: str) -> bytes:
-    return json.dumps({"error": {"message": message, "type": "invalid_request_error", "param": None,
-                                 "code": "invalid_api_key"}}).encode()
 
 
 class ApiKeyAuth:
@@ -44,8 +40,4 @@ class ApiKeyAuth:
             return
         message = ("Incorrect API key provided." if header else
                    "You didn't provide an API key: send it as 'Authorization: Bearer KEY'.")
-        body = _unauthorized(message)
-        await send({"type": "http.response.start", "status": 401,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                                (b"www-authenticate", b'Bearer realm="kolite"')]})
-        await send({"type": "http.response.body", "body": body})
+        await send_error(send, 401, message, "invalid_api_key", ((b"www-authenticate", b'Bearer realm="kolite"'),))

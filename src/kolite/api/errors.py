@@ -8,6 +8,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import Send
 
 from kolite.api.protocol import ErrorDetail, ErrorResponse
 from kolite.errors import (
@@ -66,6 +67,17 @@ def error_of(exc: BaseException) -> tuple[int, ErrorResponse]:
     code = next((code for cls, code in _CODES if isinstance(exc, cls)), None)
     return status, ErrorResponse(error=ErrorDetail(message=str(exc), type=type_, param=getattr(exc, "param", None),
                                                    code=code))
+
+
+async def send_error(send: Send, status: int, message: str, code: str,
+                     headers: tuple[tuple[bytes, bytes], ...] = ()) -> None:
+    """An error answer straight from ASGI middleware (before any route runs), in the same OpenAI shape."""
+    body = ErrorResponse(error=ErrorDetail(message=message, type="invalid_request_error", code=code))
+    data = body.model_dump_json().encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode()),
+                            *headers]})
+    await send({"type": "http.response.body", "body": data})
 
 
 def error_event(exc: BaseException) -> str:

@@ -9,15 +9,9 @@ bytes are ever held.
 
 from __future__ import annotations
 
-import json
-
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-
-def _too_large_body(limit: int) -> bytes:
-    return json.dumps({"error": {
-        "message": f"the request body is larger than this server accepts ({limit} bytes; --max-body-bytes)",
-        "type": "invalid_request_error", "param": None, "code": "request_too_large"}}).encode()
+from kolite.api.errors import send_error
 
 
 class BodySizeLimit:
@@ -61,8 +55,5 @@ class BodySizeLimit:
         await self.app(scope, replay, send)
 
     async def _refuse(self, send: Send) -> None:
-        body = _too_large_body(self.limit)
-        await send({"type": "http.response.start", "status": 413,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                                (b"connection", b"close")]})
-        await send({"type": "http.response.body", "body": body})
+        await send_error(send, 413, f"the request body is larger than this server accepts ({self.limit} bytes; "
+                         "--max-body-bytes)", "request_too_large", ((b"connection", b"close"),))
