@@ -59,3 +59,14 @@ async def test_every_answer_carries_a_request_id(tiny_loaded: LoadedModel, tiny_
                 "model": tiny_model_dir.name, "prompt": "안녕", "max_tokens": 2, "stream": True}) as s:
             assert s.headers["x-request-id"] == "stream-1"
             assert [line async for line in s.aiter_lines() if line.startswith("data: ")][-1] == "data: [DONE]"
+
+
+async def test_streams_use_lf_line_endings_and_docs_need_no_cdn(tiny_loaded: LoadedModel, tiny_model_dir: Path) -> None:
+    _, c = _client(tiny_loaded, tiny_model_dir)
+    async with c:
+        r = await c.post("/v1/completions", json={"model": tiny_model_dir.name, "prompt": "안녕", "max_tokens": 3,
+                                                  "stream": True})
+        assert r.status_code == 200 and "\r" not in r.text and r.text.rstrip("\n").endswith("data: [DONE]")
+        assert "\n\n" in r.text
+        assert (await c.get("/docs")).status_code == 404  # no page that loads a CDN's scripts
+        assert (await c.get("/openapi.json")).json()["info"]["title"] == "kolite"

@@ -43,7 +43,9 @@ def create_app(
         finally:
             await asyncio.to_thread(svc.shutdown)  # joins the engine thread: not on the event loop
 
-    app = FastAPI(title="kolite", version=__version__, lifespan=lifespan,
+    # No /docs or /redoc: their pages load scripts from a CDN, which a Pi on a home network may not reach
+    # (or should not); the schema stays at /openapi.json for tools.
+    app = FastAPI(title="kolite", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
                   description="Korean-first GPT-2 text generation (KoGPT2) on an int8 ONNX Runtime engine.")
     app.state.service = svc
     app.state.metrics = metrics = Metrics(svc)

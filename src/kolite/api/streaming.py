@@ -40,7 +40,8 @@ def sse_response(payloads: AsyncIterator[str], stream: EventStream) -> EventSour
 
     # At shutdown sse-starlette would cancel the stream at once; the grace lets kolite's drain end it with
     # its error event and [DONE] (kolite.api.server).
-    return EventSourceResponse(events(), ping=15, shutdown_grace_period=MARGIN_S,
+    # sep "\n": OpenAI's streams end their lines with LF, and some clients split on "\n\n" only.
+    return EventSourceResponse(events(), ping=15, sep="\n", shutdown_grace_period=MARGIN_S,
                                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
