@@ -105,7 +105,8 @@ def cmd_serve(ns: argparse.Namespace) -> int:
             "model; set --api-key (or KOLITE_API_KEY) on a shared network", server_settings.host)
     app = create_app(model_settings, server_settings)
     return server.run(app, host=server_settings.host, port=server_settings.port,
-                      log_level=server_settings.log_level, shutdown_timeout=server_settings.shutdown_timeout)
+                      log_level=server_settings.log_level, shutdown_timeout=server_settings.shutdown_timeout,
+                      header_timeout=server_settings.header_timeout, max_connections=server_settings.max_connections)
 
 
 def cmd_pull(ns: argparse.Namespace) -> int:

@@ -182,6 +182,12 @@ class ServerSettings(BaseSettings):
     shutdown_timeout: float = Field(
         30.0, ge=0, le=3600, description="Seconds running requests get to finish after SIGTERM/SIGINT; those still "
         "running then end with an error the client sees (and [DONE] when streaming).")
+    header_timeout: float = Field(
+        10.0, gt=0, le=3600, description="Seconds a connection has to send a whole request (headers and body); "
+        "then it is closed (connections that send nothing, or too little, are never kept open).")
+    max_connections: int = Field(
+        512, ge=1, le=1_000_000, description="Connections and requests served at once; more get 503 at once "
+        "(below the usual limit of 1024 open files, so /health and new clients are still answered).")
     max_body_bytes: int = Field(
         2 * 2**20, ge=1024, le=1 << 40,
         description="Largest request body accepted; a larger one gets 413 before it is read (KoGPT2's whole "

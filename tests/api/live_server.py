@@ -27,12 +27,12 @@ class LiveServer:
     """uvicorn serving `app` on a free port of 127.0.0.1, from a daemon thread."""
 
     def __init__(self, app: FastAPI, start_timeout: float = 10.0, stop_timeout: float = 5.0,
-                 shutdown_timeout: float | None = None) -> None:
+                 shutdown_timeout: float | None = None, **config: object) -> None:
         """`shutdown_timeout`: run kolite's own server (`kolite.api.server.KoliteServer`, its drain on
         SIGTERM) instead of plain uvicorn."""
         # log_config=None: do not reconfigure the test process's logging; port=0: the OS picks a free port.
         config = uvicorn.Config(app, host=HOST, port=0, log_level="warning", log_config=None, access_log=False,
-                                timeout_graceful_shutdown=1, ws="none")
+                                timeout_graceful_shutdown=1, ws="none", **config)  # type: ignore[arg-type]
         self.server = uvicorn.Server(config) if shutdown_timeout is None else KoliteServer(config, shutdown_timeout)
         self.start_timeout = start_timeout
         self.stop_timeout = stop_timeout

@@ -22,6 +22,8 @@ from types import FrameType
 
 import uvicorn
 
+from kolite.api.http_protocol import with_timeout
+
 log = logging.getLogger(__name__)
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 MARGIN_S = 2.0  # uvicorn (and sse-starlette) wait this much longer, so stopped requests send their last event
@@ -90,10 +92,13 @@ class KoliteServer(uvicorn.Server):
                 signal.signal(sig, handler)
 
 
-def run(app: object, *, host: str, port: int, log_level: str, shutdown_timeout: float) -> int:
+def run(app: object, *, host: str, port: int, log_level: str, shutdown_timeout: float, header_timeout: float,
+        max_connections: int) -> int:
     """Serve `app` until SIGTERM/SIGINT (then drain, see the module docstring) or a load failure that a
-    retry cannot fix; returns the process's exit status (0, or 1 for that failure)."""
-    config = uvicorn.Config(app, host=host, port=port, log_level=log_level)  # type: ignore[arg-type]
+    retry cannot fix; returns the process's exit status (0, or 1 for that failure). Each request must
+    arrive within `header_timeout` (`kolite.api.http_protocol`); past `max_connections` uvicorn answers 503."""
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level,  # type: ignore[arg-type]
+                            http=with_timeout(header_timeout), limit_concurrency=max_connections)
     server = KoliteServer(config, shutdown_timeout)
     server.run()
     return server.exit_code
