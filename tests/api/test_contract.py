@@ -70,3 +70,38 @@ async def test_streams_use_lf_line_endings_and_docs_need_no_cdn(tiny_loaded: Loa
         assert "\n\n" in r.text
         assert (await c.get("/docs")).status_code == 404  # no page that loads a CDN's scripts
         assert (await c.get("/openapi.json")).json()["info"]["title"] == "kolite"
+
+
+async def test_logit_bias_is_applied_and_checked(tiny_loaded: LoadedModel, tiny_model_dir: Path) -> None:
+    """+100 makes a token the only choice, -100 bans the greedy one; keys that are not token ids of this
+    vocabulary, or biases outside -100..100, are a 400 naming logit_bias (never silently ignored)."""
+    _, c = _client(tiny_loaded, tiny_model_dir)
+    body = {"model": tiny_model_dir.name, "prompt": [5, 6, 7], "max_tokens": 1, "temperature": 0}
+    async with c:
+        plain = (await c.post("/v1/completions", json=body)).json()["usage"]
+        assert plain["completion_tokens"] == 1
+        greedy = tiny_loaded.runtime.prefill(0, [5, 6, 7])[-1].argmax()
+        tiny_loaded.runtime.release(0)
+        forced_id = (int(greedy) + 17) % tiny_loaded.prepared.config.vocab_size
+        forced = await c.post("/v1/completions", json={**body, "logit_bias": {str(forced_id): 100}})
+        banned = await c.post("/v1/completions", json={**body, "logit_bias": {str(int(greedy)): -100}})
+        greedy_text = tiny_loaded.tokenizer.decode([int(greedy)])
+        assert greedy_text and (await c.post("/v1/completions", json=body)).json()["choices"][0]["text"] == greedy_text
+        assert forced.status_code == banned.status_code == 200
+        assert forced.json()["choices"][0]["text"] == tiny_loaded.tokenizer.decode([forced_id])
+        assert banned.json()["choices"][0]["text"] != greedy_text
+        for bias in ({"abc": 1}, {"5": 101}, {str(tiny_loaded.prepared.config.vocab_size + 3): 1}):
+            r = await c.post("/v1/completions", json={**body, "logit_bias": bias})
+            assert r.status_code == 400 and r.json()["error"]["param"] == "logit_bias", (bias, r.text)
+
+
+async def test_context_errors_name_the_field_the_client_sent(tiny_loaded: LoadedModel, tiny_model_dir: Path) -> None:
+    _, c = _client(tiny_loaded, tiny_model_dir)
+    async with c:
+        r = await c.post("/v1/completions", json={"model": tiny_model_dir.name, "prompt": "안녕", "max_tokens": 5000})
+        err = r.json()["error"]
+        assert r.status_code == 400 and err["code"] == "context_length_exceeded"
+        assert err["param"] == "max_tokens" and "max_tokens" in err["message"]
+        assert "max_new_tokens" not in err["message"]
+        g = await c.post("/generate", json={"prompt": "안녕", "max_new_tokens": 5000})
+        assert g.status_code == 400 and g.json()["error"]["param"] == "max_new_tokens"  # its own API's name

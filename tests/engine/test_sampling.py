@@ -65,3 +65,12 @@ def test_presence_and_frequency_penalties_as_openai_defines_them() -> None:
     assert Sampler(SamplingParams(frequency_penalty=0.3, **greedy))(lg, generated=[0]) == 0  # 2.7 > 2.5
     assert Sampler(SamplingParams(frequency_penalty=0.3, **greedy))(lg, generated=[0, 0, 0]) == 1  # 2.1 < 2.5
     assert Sampler(SamplingParams(presence_penalty=-1.5, **greedy))(lg, generated=[2]) == 2  # negative favours
+
+
+def test_logit_bias_shifts_the_logits_before_everything_else() -> None:
+    logits = np.array([0.0, 5.0, 1.0, 2.0], np.float32)
+    assert Sampler(SamplingParams(do_sample=False))(logits) == 1
+    assert Sampler(SamplingParams(do_sample=False, logit_bias=((1, -100.0),)))(logits) == 3
+    assert Sampler(SamplingParams(do_sample=False, logit_bias=((0, 100.0),)))(logits) == 0
+    sampled = {Sampler(SamplingParams(temperature=1.0, seed=s, logit_bias=((2, 100.0),)))(logits) for s in range(20)}
+    assert sampled == {2}  # +100 leaves no other choice when sampling either

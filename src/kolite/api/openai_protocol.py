@@ -48,6 +48,7 @@ class SamplingFields(TextFields):
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     logprobs: bool | int | None = None
+    logit_bias: dict[str, float] | None = None  # token id (as a string, as OpenAI's JSON has it) -> -100..100
     user: str | None = None
     # kolite extras (as in vLLM and llama.cpp's server)
     top_k: int = Field(0, ge=0, le=1_000_000, description="0 turns top-k off.")
@@ -64,8 +65,19 @@ class SamplingFields(TextFields):
             top_k=self.top_k, top_p=self.top_p, repetition_penalty=self.repetition_penalty,
             presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty, seed=self.seed,
             stop=tuple(dict.fromkeys(stop_tuple(self.stop) + extra_stops)), stop_token_ids=stop_token_ids,
-            ignore_eos=self.ignore_eos,
+            ignore_eos=self.ignore_eos, logit_bias=self.logit_bias_items(),
         )
+
+    def logit_bias_items(self) -> tuple[tuple[int, float], ...]:
+        """`logit_bias` as (id, bias) pairs; ids that are not integers or biases outside -100..100 are a 400."""
+        items = []
+        for key, bias in (self.logit_bias or {}).items():
+            if not str(key).lstrip("-").isdigit() or int(key) < 0:
+                raise InvalidRequest(f"logit_bias keys must be token ids, not {key!r}", param="logit_bias")
+            if not -100.0 <= float(bias) <= 100.0:
+                raise InvalidRequest(f"logit_bias values must be between -100 and 100, not {bias}", param="logit_bias")
+            items.append((int(key), float(bias)))
+        return tuple(items)
 
     def check_supported(self) -> None:
         """Refuse what kolite does not do, naming the field (HTTP 400)."""

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
+from typing import ClassVar
 
 from kolite.api.metrics import Metrics
 from kolite.api.openai_protocol import (
@@ -40,6 +41,8 @@ CHAT_ANSWER_RESERVE = 256  # tokens kept free for the answer when a chat request
 class OpenAIServing(Serving):
     """Builds engine requests from OpenAI requests and OpenAI answers from engine events."""
 
+    param_names: ClassVar[Mapping[str, str]] = {"max_new_tokens": "max_tokens"}
+
     def __init__(self, service: ModelService, served_name: str | None = None, *, log_prompts: bool = False,
                  metrics: Metrics | None = None) -> None:
         super().__init__(service, log_prompts=log_prompts, metrics=metrics)
@@ -66,6 +69,7 @@ class OpenAIServing(Serving):
         self.check_model(req.model)
         req.check_supported()
         model = self.service.ready_model()
+        _check_bias(req, model)
         text, ids = await asyncio.to_thread(self._prompt, model, req.prompt)  # tokenizing: not on the event loop
         max_new = req.max_tokens if req.max_tokens is not None else model.n_positions - len(ids)
         stream = self.submit(model, text, ids, req.to_sampling_params(max_new))
@@ -119,6 +123,7 @@ class OpenAIServing(Serving):
         self.check_model(req.model)
         req.check_supported()
         model = self.service.ready_model()
+        _check_bias(req, model)
         messages = [{"role": m.role, "content": m.content} for m in req.messages]
         limit = req.new_token_limit
         reserve = limit if limit is not None else min(CHAT_ANSWER_RESERVE, model.n_positions // 4)
@@ -151,3 +156,12 @@ class OpenAIServing(Serving):
                         yield chunk([], usage_of(event))
 
         return Generation(stream, response, chunks)
+
+
+def _check_bias(req: CompletionRequest | ChatCompletionRequest, model: LoadedModel) -> None:
+    """logit_bias names token ids of this model's vocabulary (400 naming the field otherwise)."""
+    vocab = model.prepared.config.vocab_size
+    bad = [i for i, _ in req.logit_bias_items() if i >= vocab]
+    if bad:
+        raise InvalidRequest(f"logit_bias names token ids beyond the vocabulary of {vocab}: {bad[:5]}",
+                             param="logit_bias")

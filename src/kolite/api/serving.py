@@ -10,9 +10,9 @@ returns what `streaming.respond` makes of the `Generation`.
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import Literal
+from typing import ClassVar, Literal
 
 from pydantic import BaseModel
 
@@ -20,6 +20,7 @@ from kolite.api.metrics import Metrics
 from kolite.api.protocol import Usage
 from kolite.engine.sampling import SamplingParams
 from kolite.engine.sequence import Finish
+from kolite.errors import KoliteError
 from kolite.service import EventStream, LoadedModel, ModelService
 
 log = logging.getLogger("kolite.api")
@@ -37,6 +38,8 @@ class Generation:
 class Serving:
     """The service, and the `--log-prompts` switch every route honours."""
 
+    param_names: ClassVar[Mapping[str, str]] = {}  # engine parameter -> the name this API's requests use
+
     def __init__(self, service: ModelService, *, log_prompts: bool = False, metrics: Metrics | None = None) -> None:
         self.service = service
         self.log_prompts = log_prompts
@@ -53,7 +56,14 @@ class Serving:
             if self.metrics is not None:
                 self.metrics.observe(streams[0], finish)
 
-        streams.append(self.service.submit(model, prompt_ids, params, on_finish=finished))
+        try:
+            streams.append(self.service.submit(model, prompt_ids, params, on_finish=finished))
+        except KoliteError as exc:  # name the field this API's client sent (max_tokens, not max_new_tokens)
+            sent = self.param_names.get(getattr(exc, "param", None) or "")
+            if sent:
+                exc.param = sent  # type: ignore[attr-defined]
+                exc.args = tuple(str(a).replace("max_new_tokens", sent) for a in exc.args)
+            raise
         return streams[0]
 
 

@@ -1,4 +1,5 @@
-"""Logits → next token id: greedy, or sampling with temperature, top-k, top-p and repetition penalty.
+"""Logits → next token id: greedy, or sampling with temperature, top-k, top-p, repetition penalty and
+OpenAI's logit bias.
 
 Each request owns its random generator, seeded from the request's `seed`, so a request's tokens do
 not depend on what else is running. The order of the transforms is transformers' (OpenAI's
@@ -30,6 +31,7 @@ class SamplingParams:
     stop: tuple[str, ...] = field(default_factory=tuple)  # stop strings, cut from the output
     stop_token_ids: frozenset[int] = frozenset()  # besides the tokenizer's eos (e.g. a chat template's)
     ignore_eos: bool = False  # generate max_new_tokens whatever comes (benchmarks); stop strings still apply
+    logit_bias: tuple[tuple[int, float], ...] = ()  # OpenAI's: (token id, bias) added to the logits first
 
     @property
     def greedy(self) -> bool:
@@ -46,10 +48,14 @@ class Sampler:
     def __call__(self, logits: np.ndarray, seen: Iterable[int] = (), generated: Sequence[int] = ()) -> int:
         """`seen`: prompt and output ids (repetition penalty); `generated`: output ids only (OpenAI penalties)."""
         p = self.params
-        penalised = p.repetition_penalty != 1.0 or ((p.presence_penalty or p.frequency_penalty) and len(generated))
+        penalised = (p.repetition_penalty != 1.0 or bool(p.logit_bias)
+                     or ((p.presence_penalty or p.frequency_penalty) and len(generated)))
         if p.greedy and not penalised:
             return int(np.argmax(logits))  # the common case, without copying the vocabulary's logits
         scores = logits.astype(np.float64, copy=True)
+        if p.logit_bias:  # as OpenAI: -100 bans a token, +100 makes it the only choice
+            ids, biases = zip(*p.logit_bias, strict=True)
+            scores[np.asarray(ids, dtype=np.int64)] += np.asarray(biases, dtype=np.float64)
         if (p.presence_penalty or p.frequency_penalty) and len(generated):
             ids, counts = np.unique(np.asarray(generated, dtype=np.int64), return_counts=True)
             scores[ids] -= counts * p.frequency_penalty + p.presence_penalty
