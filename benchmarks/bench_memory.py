@@ -4,8 +4,7 @@ Each phase runs in a fresh process, as a fresh server would:
 
 * breakdown: resident memory after the server's imports and after loading (anon and file-backed); the
   KV cache per token, counted from the resident pages of the cache buffers (`/proc/self/pagemap`);
-  the token table's resident pages (0 since the table is read with pread from `model.onnx.tokens`; graphs
-  of kolite before that kept it in `model.onnx.data`, mapped and paged in as rows were read);
+  the token table's resident pages (0: the table is read with pread from `model.onnx.tokens`);
   and a prefill chunk's scratch (high-water mark above the resident set, minus the chunk's own KV) for
   chunks of 64/128/256 tokens with an empty slot and after 1024-chunk tokens already in the slot;
 * serve: the serving loop (kolite's `Scheduler`, as `kolite serve` runs it) with `--streams` requests
@@ -48,7 +47,6 @@ from kolite.config import default_threads  # noqa: E402
 
 MB = 2**20
 PAGE = mmap.PAGESIZE
-TABLE_INITIALIZERS = ("wte_q", "wte_scale", "wte")  # the token table (int8 + scales, or fp32)
 
 
 # --- reading this process's (or another's) memory ---------------------------------------------------
@@ -82,29 +80,14 @@ def kv_resident_mb(runtime: Any) -> float:
 
 
 def table_resident_mb(graph: Path, pid: int | str = "self") -> float:
-    """Resident pages of the token table: any mapping of its own file (`model.onnx.tokens`, read with
-    pread, so none is expected), or its part of ONNX Runtime's mapping of `model.onnx.data` (graphs
-    that still gather it)."""
-    import onnx
-
-    spans = []
-    for init in onnx.load(str(graph), load_external_data=False).graph.initializer:
-        ext = {e.key: e.value for e in init.external_data}
-        if init.name in TABLE_INITIALIZERS and ext:
-            spans.append((int(ext.get("offset", 0)), int(ext["length"])))
+    """Resident pages of any mapping of the token table's file (`model.onnx.tokens`, read with pread:
+    none is expected)."""
     total = 0
     with open(f"/proc/{pid}/maps", encoding="ascii") as fh:
         for line in fh:
-            addresses, _, offset = line.split()[:3]
-            lo, hi = (int(a, 16) for a in addresses.split("-"))
             if line.rstrip().endswith(graph.name + ".tokens"):
+                lo, hi = (int(a, 16) for a in line.split()[0].split("-"))
                 total += resident_bytes(lo, hi - lo, pid)
-            if not line.rstrip().endswith(graph.name + ".data"):
-                continue
-            for off, length in spans:  # the part of each table span that this mapping covers
-                a, b = max(off, int(offset, 16)), min(off + length, int(offset, 16) + hi - lo)
-                if b > a:
-                    total += resident_bytes(lo + a - int(offset, 16), b - a, pid)
     return round(total / MB, 1)
 
 

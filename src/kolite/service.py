@@ -184,7 +184,7 @@ class ModelService:
         raise ModelNotReady(f"model {self.model_name} is still loading; retry shortly")
 
     def submit(self, model: LoadedModel, prompt_ids: list[int], params: SamplingParams, *,
-               on_finish: Callable[[Finish], None] | None = None) -> EventStream:
+               on_finish: Callable[[EventStream, Finish], None] | None = None) -> EventStream:
         """Queue a request for `model` (what `ready_model()` returned: readiness is checked there, once) now,
         so 400/429/503 are raised before any response starts, and return its events. `on_finish` sees
         the final event (the API logs prompts with it). Call from the event loop's thread."""
@@ -236,7 +236,7 @@ class EventStream:
     """
 
     def __init__(self, request: EngineRequest, queue: asyncio.Queue[TokenEvent | Finish], timeout: float | None,
-                 on_finish: Callable[[Finish], None] | None = None) -> None:
+                 on_finish: Callable[[EventStream, Finish], None] | None = None) -> None:
         self._request = request
         self._queue = queue
         self._timeout = timeout
@@ -274,7 +274,7 @@ class EventStream:
                 raise ShuttingDown("the server is shutting down: the request was stopped before it finished")
             self.finish = event
             if self._on_finish is not None:
-                self._on_finish(event)
+                self._on_finish(self, event)
         elif self.first_token_at is None:
             self.first_token_at = time.monotonic()
         return event

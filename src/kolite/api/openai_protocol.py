@@ -57,23 +57,26 @@ class SamplingFields(TextFields):
 
     _stops = field_validator("stop")(lambda v: check_stops(v))
 
-    def to_sampling_params(self, max_new_tokens: int, stop_token_ids: frozenset[int] = frozenset(),
+    def to_sampling_params(self, max_new_tokens: int, vocab_size: int, stop_token_ids: frozenset[int] = frozenset(),
                            extra_stops: tuple[str, ...] = ()) -> SamplingParams:
-        """The engine's parameters for this request (a chat template adds its stop ids and strings)."""
+        """The engine's parameters for this request (a chat template adds its stop ids and strings);
+        `vocab_size` bounds the token ids `logit_bias` may name."""
         return SamplingParams(
             max_new_tokens=max_new_tokens, temperature=self.temperature, do_sample=self.temperature > 0,
             top_k=self.top_k, top_p=self.top_p, repetition_penalty=self.repetition_penalty,
             presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty, seed=self.seed,
             stop=tuple(dict.fromkeys(stop_tuple(self.stop) + extra_stops)), stop_token_ids=stop_token_ids,
-            ignore_eos=self.ignore_eos, logit_bias=self.logit_bias_items(),
+            ignore_eos=self.ignore_eos, logit_bias=self.logit_bias_items(vocab_size),
         )
 
-    def logit_bias_items(self) -> tuple[tuple[int, float], ...]:
-        """`logit_bias` as (id, bias) pairs; ids that are not integers or biases outside -100..100 are a 400."""
+    def logit_bias_items(self, vocab_size: int) -> tuple[tuple[int, float], ...]:
+        """`logit_bias` as (id, bias) pairs; keys that are not ids of the vocabulary, or biases outside
+        -100..100, are a 400 naming the field."""
         items = []
         for key, bias in (self.logit_bias or {}).items():
-            if not str(key).lstrip("-").isdigit() or int(key) < 0:
-                raise InvalidRequest(f"logit_bias keys must be token ids, not {key!r}", param="logit_bias")
+            if not str(key).isdigit() or int(key) >= vocab_size:
+                raise InvalidRequest(f"logit_bias keys must be token ids below {vocab_size}, not {key!r}",
+                                     param="logit_bias")
             if not -100.0 <= float(bias) <= 100.0:
                 raise InvalidRequest(f"logit_bias values must be between -100 and 100, not {bias}", param="logit_bias")
             items.append((int(key), float(bias)))

@@ -69,10 +69,9 @@ class OpenAIServing(Serving):
         self.check_model(req.model)
         req.check_supported()
         model = self.service.ready_model()
-        _check_bias(req, model)
         text, ids = await asyncio.to_thread(self._prompt, model, req.prompt)  # tokenizing: not on the event loop
         max_new = req.max_tokens if req.max_tokens is not None else model.n_positions - len(ids)
-        stream = self.submit(model, text, ids, req.to_sampling_params(max_new))
+        stream = self.submit(model, text, ids, req.to_sampling_params(max_new, model.prepared.config.vocab_size))
         echo = text if req.echo else ""
         cid, created = new_id("cmpl"), now()
 
@@ -123,14 +122,14 @@ class OpenAIServing(Serving):
         self.check_model(req.model)
         req.check_supported()
         model = self.service.ready_model()
-        _check_bias(req, model)
         messages = [{"role": m.role, "content": m.content} for m in req.messages]
         limit = req.new_token_limit
         reserve = limit if limit is not None else min(CHAT_ANSWER_RESERVE, model.n_positions // 4)
         prompt = await asyncio.to_thread(build_chat_prompt, messages, model.chat_template, model.tokenizer,
                                          model.n_positions - reserve)  # templating and tokenizing: off the loop
         max_new = limit if limit is not None else model.n_positions - len(prompt.ids)
-        params = req.to_sampling_params(max_new, prompt.stop_ids, prompt.stop_strings)
+        params = req.to_sampling_params(max_new, model.prepared.config.vocab_size, prompt.stop_ids,
+                                        prompt.stop_strings)
         stream = self.submit(model, model.tokenizer.decode(prompt.ids), prompt.ids, params)
         cid, created = new_id("chatcmpl"), now()
 
@@ -156,12 +155,3 @@ class OpenAIServing(Serving):
                         yield chunk([], usage_of(event))
 
         return Generation(stream, response, chunks)
-
-
-def _check_bias(req: CompletionRequest | ChatCompletionRequest, model: LoadedModel) -> None:
-    """logit_bias names token ids of this model's vocabulary (400 naming the field otherwise)."""
-    vocab = model.prepared.config.vocab_size
-    bad = [i for i, _ in req.logit_bias_items() if i >= vocab]
-    if bad:
-        raise InvalidRequest(f"logit_bias names token ids beyond the vocabulary of {vocab}: {bad[:5]}",
-                             param="logit_bias")

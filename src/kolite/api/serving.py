@@ -48,23 +48,20 @@ class Serving:
     def submit(self, model: LoadedModel, prompt: str, prompt_ids: list[int], params: SamplingParams) -> EventStream:
         """Queue the request; when it finishes its figures go to the metrics and, with `log_prompts`, its
         prompt and output to the log."""
-        streams: list[EventStream] = []
-
-        def finished(finish: Finish) -> None:
+        def finished(stream: EventStream, finish: Finish) -> None:
             if self.log_prompts:
                 log.info("prompt=%r output=%r", prompt, finish.text)
             if self.metrics is not None:
-                self.metrics.observe(streams[0], finish)
+                self.metrics.observe(stream, finish)
 
         try:
-            streams.append(self.service.submit(model, prompt_ids, params, on_finish=finished))
+            return self.service.submit(model, prompt_ids, params, on_finish=finished)
         except KoliteError as exc:  # name the field this API's client sent (max_tokens, not max_new_tokens)
             sent = self.param_names.get(getattr(exc, "param", None) or "")
             if sent:
                 exc.param = sent  # type: ignore[attr-defined]
                 exc.args = tuple(str(a).replace("max_new_tokens", sent) for a in exc.args)
             raise
-        return streams[0]
 
 
 def usage_of(finish: Finish) -> Usage:

@@ -6,8 +6,8 @@ Requests wait in a bounded queue. At every step the engine thread
    has room: each request reserves its prompt + max new tokens of the `max_kv_tokens` pool for as
    long as it runs, so the cache memory of everything running is bounded before any of it is
    written (a request larger than the whole pool is refused at submission, never left waiting).
-   Each admitted request is prefilled into the next free cache slot, at most `PREFILL_CHUNK` prompt
-   tokens per step, so a long prompt is prefilled over several steps while the running rows keep
+   Each admitted request is prefilled into the next free cache slot, at most `runtime.chunk_tokens`
+   prompt tokens per step, so a long prompt is prefilled over several steps while the running rows keep
    decoding (chunked prefill: nobody's stream stalls for a whole prompt),
 3. runs one decode step for every running row (each row has its own length; no padding) and hands
    each row's token to its request.
